@@ -1,0 +1,47 @@
+"""keras-oom: Keras datasets for data that does not fit in memory.
+
+`LoaderDataset` loads each batch with your loader function; its subclass
+`PrefetchLoaderDataset` loads ahead in a fixed pool of worker processes.
+
+The dataset classes are imported on first use, so that worker processes,
+which import this package but never Keras, start quickly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
+
+if TYPE_CHECKING:
+    from keras_oom.dataset import LoaderDataset
+    from keras_oom.prefetch import PrefetchLoaderDataset
+
+__all__ = [
+    "DatasetClosedError",
+    "LoaderDataset",
+    "PrefetchLoaderDataset",
+    "WorkerDiedError",
+    "WorkerTimeoutError",
+]
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LoaderDataset": "keras_oom.dataset",
+    "PrefetchLoaderDataset": "keras_oom.prefetch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_oom' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

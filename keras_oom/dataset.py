@@ -1,0 +1,363 @@
+"""`LoaderDataset`: a `keras.utils.PyDataset` over a loader and sample ids."""
+
+from __future__ import annotations
+
+import operator
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_oom.errors import add_note, describe_ids
+from keras_oom.indexing import BatchPlan
+
+Labels = Any  # an array-like, or a dict / tuple of array-likes
+
+
+class LoaderDataset(keras.utils.PyDataset):
+    """A Keras `PyDataset` that loads each batch with a loader function.
+
+    The dataset maps batch index `i` to the ids of the batch's samples
+    (`batch_ids(i)`), calls `loader(ids)` to load them, and pairs the result
+    with the batch's labels. Only one batch is in memory at a time, so the
+    data may be far larger than RAM.
+
+    Each epoch visits every sample exactly once (all but the last
+    `len(sample_ids) % batch_size` with `drop_remainder=True`). With
+    `shuffle=True`, the samples themselves (not only the batch order) are
+    shuffled once per epoch, in an order that is a pure function of
+    `(seed, epoch)`: two datasets with the same seed yield the same batches.
+
+    Args:
+        loader: A callable `loader(ids) -> x` that receives a 1-D
+            `numpy.ndarray` with the ids of one batch and returns the batch's
+            inputs (an array, or a tuple / dict of arrays for multi-input
+            models). May be omitted when a subclass overrides `load`.
+        sample_ids: A 1-D array-like of sample ids (ints, strings, paths...),
+            passed to the loader in batches.
+        labels: Optional labels aligned with `sample_ids`: an array-like of
+            the same length, or a dict / tuple of such for multi-output
+            models. With labels, `ds[i]` returns `(x, y)`; without, it
+            returns what the loader returns.
+        batch_size: Number of samples per batch, at most `len(sample_ids)`.
+        shuffle: Whether to shuffle the samples anew in each epoch.
+        seed: Seed of the shuffle. `None` draws one at construction, kept in
+            `ds.seed`.
+        drop_remainder: Whether to drop the last batch when it is smaller
+            than `batch_size`.
+        repeat: Whether to loop over the data endlessly, as the original R
+            generator did: `num_batches` is then `None`, index `i` is batch
+            `i % batches_per_epoch` of epoch `epoch + i // batches_per_epoch`
+            (reshuffled per epoch), and `fit` needs
+            `steps_per_epoch=ds.batches_per_epoch`.
+        **kwargs: `workers`, `use_multiprocessing` and `max_queue_size`,
+            passed unchanged to `keras.utils.PyDataset`.
+
+    Raises:
+        TypeError: If `loader` is not callable (or is missing without a
+            `load` override), or `batch_size` is not an integer.
+        ValueError: If `sample_ids` is empty or not 1-D, `labels` differ in
+            length from `sample_ids`, or `batch_size` is not in
+            `[1, len(sample_ids)]`.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from keras_oom import LoaderDataset
+    >>> ds = LoaderDataset(lambda ids: ids * 10, np.arange(5), labels=np.arange(5),
+    ...                    batch_size=2)
+    >>> len(ds)
+    3
+    >>> x, y = ds[2]
+    >>> x.tolist(), y.tolist()
+    ([40], [4])
+    ```
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[np.ndarray], Any] | None = None,
+        sample_ids: Any = None,
+        labels: Labels = None,
+        *,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_remainder: bool = False,
+        repeat: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if loader is None:
+            if type(self).load is LoaderDataset.load:
+                raise TypeError(
+                    "`loader` is required unless a subclass overrides "
+                    "`load(self, ids)`. Received: loader=None"
+                )
+        elif not callable(loader):
+            raise TypeError(
+                f"`loader` must be callable, as loader(ids) -> x. "
+                f"Received: loader={loader!r} of type {type(loader).__name__}"
+            )
+        self._loader = loader
+        self._sample_ids = _as_sample_ids(sample_ids)
+        n = len(self._sample_ids)
+        self._labels = _as_labels(labels, n)
+        _check_batch_size(batch_size, n)
+        self._seed = _as_seed(seed)
+        self._repeat = bool(repeat)
+        self._plan = BatchPlan(
+            n,
+            int(batch_size),
+            shuffle=bool(shuffle),
+            seed=self._seed,
+            drop_remainder=bool(drop_remainder),
+        )
+        self._epoch = 0
+
+    # -- what Keras reads ---------------------------------------------------
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch, or `None` with `repeat=True` (endless)."""
+        return None if self._repeat else self._plan.batches_per_epoch
+
+    def __len__(self) -> int:
+        if self._repeat:
+            raise TypeError(
+                "A dataset with repeat=True is endless and has no len(); "
+                "use `batches_per_epoch` for `steps_per_epoch`."
+            )
+        return self._plan.batches_per_epoch
+
+    def __getitem__(self, index: int) -> Any:
+        """Loads batch `index` of the current epoch.
+
+        Args:
+            index: Batch index. Negative values count from the end of the
+                epoch (not with `repeat=True`).
+
+        Returns:
+            `(x, y)` with labels, else `x`, the loader's return value.
+
+        Raises:
+            IndexError: If `index` is out of range.
+        """
+        epoch, batch = self._locate(index)
+        ids = self._sample_ids[self._plan.positions(epoch, batch)]
+        x = self._load_noted(self._global_index(epoch, batch), ids)
+        return self._with_labels(x, epoch, batch)
+
+    def on_epoch_end(self) -> None:
+        """Advances to the next epoch's order (a no-op with `repeat=True`).
+
+        Keras calls this after every pass over the data (`fit` epochs, and
+        `evaluate` / `predict` runs).
+        """
+        if not self._repeat:
+            self._epoch += 1
+
+    # -- public helpers -----------------------------------------------------
+
+    def load(self, ids: np.ndarray) -> Any:
+        """Loads the samples `ids` and returns the batch's inputs `x`.
+
+        Calls the `loader` given at construction. Subclasses may override
+        this instead of passing a loader.
+
+        Args:
+            ids: 1-D array of the batch's sample ids.
+
+        Returns:
+            The batch's inputs.
+        """
+        assert self._loader is not None
+        return self._loader(ids)
+
+    def batch_ids(self, index: int) -> np.ndarray:
+        """Returns the sample ids of batch `index` in the current epoch.
+
+        `ds[index]` is `ds.load(ds.batch_ids(index))`, paired with labels.
+
+        Args:
+            index: Batch index, as for `ds[index]`.
+
+        Returns:
+            A 1-D array of sample ids.
+        """
+        epoch, batch = self._locate(index)
+        return self._sample_ids[self._plan.positions(epoch, batch)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch whose sample order the batches follow.
+
+        Args:
+            epoch: Non-negative epoch number, e.g. to resume a run.
+        """
+        epoch = _as_index(epoch, "epoch")
+        if epoch < 0:
+            raise ValueError(f"`epoch` must be >= 0. Received: epoch={epoch}")
+        self._epoch = epoch
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (advanced by `on_epoch_end`)."""
+        return self._epoch
+
+    @property
+    def seed(self) -> int:
+        """The shuffle seed (drawn at construction when `seed=None`)."""
+        return self._seed
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch."""
+        return self._plan.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in one epoch; pass it as `steps_per_epoch` with `repeat`."""
+        return self._plan.batches_per_epoch
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """The sample ids, as a 1-D array (in their original order)."""
+        return self._sample_ids
+
+    @property
+    def shuffle(self) -> bool:
+        return self._plan.shuffle
+
+    @property
+    def drop_remainder(self) -> bool:
+        return self._plan.drop_remainder
+
+    @property
+    def repeat(self) -> bool:
+        return self._repeat
+
+    # -- internals shared with the prefetching subclass ---------------------
+
+    def _locate(self, index: Any) -> tuple[int, int]:
+        """Turns a user index into `(epoch, batch)`, checking its range."""
+        i = _as_index(index, "index")
+        per_epoch = self._plan.batches_per_epoch
+        if self._repeat:
+            if i < 0:
+                raise IndexError(
+                    f"Negative index {i} on an endless (repeat=True) dataset."
+                )
+            return self._epoch + i // per_epoch, i % per_epoch
+        if not -per_epoch <= i < per_epoch:
+            raise IndexError(
+                f"Batch index {i} out of range for {per_epoch} batches per epoch."
+            )
+        return self._epoch, i % per_epoch
+
+    def _global_index(self, epoch: int, batch: int) -> int:
+        """The index Keras used for `(epoch, batch)`, for messages."""
+        if self._repeat:
+            return (epoch - self._epoch) * self._plan.batches_per_epoch + batch
+        return batch
+
+    def _load_noted(self, index: int, ids: np.ndarray) -> Any:
+        try:
+            return self.load(ids)
+        except Exception as e:
+            add_note(
+                e, f"keras_oom: while loading batch {index}, ids {describe_ids(ids)}"
+            )
+            raise
+
+    def _with_labels(self, x: Any, epoch: int, batch: int) -> Any:
+        if self._labels is None:
+            return x
+        pos = self._plan.positions(epoch, batch)
+        labels = self._labels
+        if isinstance(labels, dict):
+            return x, {k: v[pos] for k, v in labels.items()}
+        if isinstance(labels, tuple):
+            return x, tuple(v[pos] for v in labels)
+        return x, labels[pos]
+
+
+def _as_index(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be an integer. Received: {name}={value!r} "
+            f"of type {type(value).__name__}"
+        ) from None
+
+
+def _as_sample_ids(sample_ids: Any) -> np.ndarray:
+    if sample_ids is None:
+        raise ValueError("`sample_ids` is required. Received: sample_ids=None")
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1:
+        raise ValueError(
+            f"`sample_ids` must be 1-D. Received: sample_ids with shape {ids.shape}"
+        )
+    if len(ids) == 0:
+        raise ValueError("`sample_ids` must not be empty. Received: 0 sample ids")
+    return ids
+
+
+def _as_labels(labels: Labels, n: int) -> Any:
+    if labels is None:
+        return None
+    if isinstance(labels, Mapping):
+        return {k: _as_label_array(v, n, f"labels[{k!r}]") for k, v in labels.items()}
+    if isinstance(labels, tuple):
+        return tuple(
+            _as_label_array(v, n, f"labels[{i}]") for i, v in enumerate(labels)
+        )
+    return _as_label_array(labels, n, "labels")
+
+
+def _as_label_array(values: Any, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim == 0 or len(arr) != n:
+        length = "a scalar" if arr.ndim == 0 else f"length {len(arr)}"
+        raise ValueError(
+            f"`{name}` must have one entry per sample id: got {length}, "
+            f"but len(sample_ids) is {n}."
+        )
+    return arr
+
+
+def _check_batch_size(batch_size: Any, n: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(
+            f"`batch_size` must be a positive integer. "
+            f"Received: batch_size={batch_size!r} of type {type(batch_size).__name__}"
+        )
+    if batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. "
+            f"Received: batch_size={batch_size}"
+        )
+    if batch_size > n:
+        raise ValueError(
+            f"`batch_size` must be at most the number of samples ({n}). "
+            f"Received: batch_size={batch_size}"
+        )
+
+
+def _as_seed(seed: Any) -> int:
+    if seed is None:
+        return secrets.randbits(32)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(
+            f"`seed` must be a non-negative integer or None. "
+            f"Received: seed={seed!r} of type {type(seed).__name__}"
+        )
+    if seed < 0:
+        raise ValueError(f"`seed` must be non-negative. Received: seed={seed}")
+    return int(seed)
