@@ -61,6 +61,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -75,6 +76,11 @@ START_METHODS = ("fork", "forkserver", "spawn", "subprocess")
 # SIGTERM gets before SIGKILL.
 _EXIT_GRACE = 0.1
 _TERM_GRACE = 0.5
+
+# Every open pool of this process: a forked worker closes their sockets, which
+# it inherits but must not hold (a held socket hides end-of-file from the
+# worker on the other end).
+_LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
 def default_start_method() -> str:
@@ -183,6 +189,7 @@ class WorkerPool:
         self._broken: BaseException | None = None
         self._workers: list[_Worker] = []
         self.started_at = time.perf_counter()
+        _LIVE_POOLS.add(self)
         try:
             for _ in range(num_workers):
                 self._workers.append(self._start_worker())
@@ -216,20 +223,31 @@ class WorkerPool:
             if method == "subprocess":
                 process: Any = self._start_subprocess(child_sock, conn)
             else:
-                process = self._start_multiprocessing(method, child_sock)
+                process = self._start_multiprocessing(method, child_sock, conn)
         except BaseException:
             conn.close()
             child_sock.close()
             raise
         return _Worker(process, conn)
 
-    def _start_multiprocessing(self, method: str, child_sock: socket.socket) -> Any:
-        ctx = multiprocessing.get_context(method)
+    def _start_multiprocessing(
+        self, method: str, child_sock: socket.socket, conn: Connection
+    ) -> Any:
+        ctx: Any = multiprocessing.get_context(method)
         child_conn = Connection(child_sock.detach())
-        loader = self._loader if method == "fork" else self._pickled_loader()
+        if method == "fork":
+            loader: Any = self._loader
+            inherited = [conn.fileno()] + [
+                w.conn.fileno()
+                for pool in list(_LIVE_POOLS)
+                for w in pool._workers
+                if not w.conn.closed
+            ]
+        else:
+            loader, inherited = self._pickled_loader(), []
         process = ctx.Process(
             target=worker_module.run,
-            args=(child_conn, loader, os.getpid()),
+            args=(child_conn, loader, os.getpid(), inherited),
             name="keras_oom-worker",
             daemon=True,
         )
@@ -420,6 +438,7 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        _LIVE_POOLS.discard(self)
         workers, self._workers = self._workers, []
         for w in workers:
             w.conn.close()  # idle workers exit on end-of-file

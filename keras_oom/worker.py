@@ -17,6 +17,7 @@ Messages on a worker's socket (see `pool.py` for the parent's side):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -25,14 +26,19 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 from keras_oom.transport import send_result
 
 
-def run(conn: Connection, loader: Any, parent_pid: int) -> None:
+def run(
+    conn: Connection,
+    loader: Any,
+    parent_pid: int,
+    inherited_fds: Sequence[int] = (),
+) -> None:
     """Serves load requests on `conn` until told to stop or the parent is gone.
 
     Args:
@@ -40,7 +46,12 @@ def run(conn: Connection, loader: Any, parent_pid: int) -> None:
         loader: The loader, or its `cloudpickle` bytes when the worker was
             not forked from the parent.
         parent_pid: Pid of the process that owns the pool.
+        inherited_fds: The parent's ends of worker sockets, inherited by a
+            fork, to close here.
     """
+    for fd in inherited_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     # Ctrl-C in a terminal reaches the whole process group; only the parent
     # should react to it, with one clean KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -83,8 +94,9 @@ def _serve(conn: Connection, loader: Callable[[Any], Any]) -> None:
 def _error_payload(e: BaseException) -> tuple[bytes | None, str, str]:
     """The exception pickled (or None), its type name and its traceback."""
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    pickled: bytes | None
     try:
-        pickled: bytes | None = pickle.dumps(e)
+        pickled = pickle.dumps(e)
         pickle.loads(pickled)  # must also come back in the parent
     except Exception:
         pickled = None
