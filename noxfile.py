@@ -17,6 +17,9 @@ nox.options.reuse_existing_virtualenvs = False
 # Pinned so pip picks the CPU-only build instead of pulling GBs of CUDA wheels.
 TORCH = "torch==2.13.0"
 TENSORFLOW = "tensorflow-cpu"
+# Linters pinned so that a new release cannot fail CI on unchanged code.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
 
 
 def _run_tests(session: nox.Session, backend: str, *extra_deps: str) -> None:
@@ -52,7 +55,7 @@ def tests_tensorflow(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -60,7 +63,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy."""
-    session.install(".", "mypy")
+    session.install(".", MYPY)
     session.run("mypy", "keras_oom")
 
 
