@@ -11,7 +11,8 @@ import keras
 import numpy as np
 
 from keras_oom.errors import add_note, describe_ids
-from keras_oom.indexing import BatchPlan
+from keras_oom.indexing import BatchPlan, shard_size
+from keras_oom.sharding import resolve_shard
 
 Labels = Any  # an array-like, or a dict / tuple of array-likes
 
@@ -52,6 +53,20 @@ class LoaderDataset(keras.utils.PyDataset):
             `i % batches_per_epoch` of epoch `epoch + i // batches_per_epoch`
             (reshuffled per epoch), and `fit` needs
             `steps_per_epoch=ds.batches_per_epoch`.
+        shard: For data-parallel training across processes: `(index, count)`
+            makes this dataset read only part `index` of `count` disjoint
+            parts of every epoch (every `count`-th sample of the epoch's
+            order), with the same number of batches in every process.
+            `"auto"` reads the process index and count from the running
+            distribution (JAX's `jax.process_index()` /
+            `jax.process_count()`, TensorFlow's multi-worker strategies) and
+            is a no-op in a single process. With `shuffle=True` every
+            process must pass the same explicit `seed`.
+        shard_mode: How shards are made equal when `count` does not divide
+            `len(sample_ids)`: `"pad"` (default) repeats the first samples
+            of the epoch's order, so a few samples are seen twice per epoch;
+            `"drop"` leaves the last `len(sample_ids) % count` samples of the
+            epoch's order out (different ones each epoch when shuffled).
         **kwargs: `workers`, `use_multiprocessing` and `max_queue_size`,
             passed unchanged to `keras.utils.PyDataset`.
 
@@ -59,8 +74,9 @@ class LoaderDataset(keras.utils.PyDataset):
         TypeError: If `loader` is not callable (or is missing without a
             `load` override), or `batch_size` is not an integer.
         ValueError: If `sample_ids` is empty or not 1-D, `labels` differ in
-            length from `sample_ids`, or `batch_size` is not in
-            `[1, len(sample_ids)]`.
+            length from `sample_ids`, `batch_size` is not in
+            `[1, len(sample_ids)]` (per shard when sharded), `shard` is out of
+            range, or a shuffled sharded dataset has no `seed`.
 
     Example:
 
@@ -88,6 +104,8 @@ class LoaderDataset(keras.utils.PyDataset):
         seed: int | None = None,
         drop_remainder: bool = False,
         repeat: bool = False,
+        shard: tuple[int, int] | str | None = None,
+        shard_mode: str = "pad",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,7 +124,22 @@ class LoaderDataset(keras.utils.PyDataset):
         self._sample_ids = _as_sample_ids(sample_ids)
         n = len(self._sample_ids)
         self._labels = _as_labels(labels, n)
-        _check_batch_size(batch_size, n)
+        shard_index, shard_count = resolve_shard(shard, shard_mode)
+        if shard_count > 1 and shuffle and seed is None:
+            raise ValueError(
+                f"`seed` must be given when shuffling a sharded dataset: every "
+                f"process must draw the same order for the shards to be "
+                f"disjoint. Received: seed=None, shard=({shard_index}, "
+                f"{shard_count})"
+            )
+        per_shard = shard_size(n, shard_count, shard_mode)
+        if per_shard == 0:
+            raise ValueError(
+                f"`shard_mode='drop'` leaves no samples: {n} sample ids split "
+                f"{shard_count} ways. Received: shard=({shard_index}, "
+                f"{shard_count})"
+            )
+        _check_batch_size(batch_size, per_shard)
         self._seed = _as_seed(seed)
         self._repeat = bool(repeat)
         self._plan = BatchPlan(
@@ -115,6 +148,8 @@ class LoaderDataset(keras.utils.PyDataset):
             shuffle=bool(shuffle),
             seed=self._seed,
             drop_remainder=bool(drop_remainder),
+            shard=(shard_index, shard_count),
+            shard_mode=shard_mode,
         )
         self._epoch = 0
 
@@ -226,6 +261,11 @@ class LoaderDataset(keras.utils.PyDataset):
     def sample_ids(self) -> np.ndarray:
         """The sample ids, as a 1-D array (in their original order)."""
         return self._sample_ids
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """`(index, count)`: the part of every epoch this dataset reads."""
+        return self._plan.shard
 
     @property
     def shuffle(self) -> bool:
@@ -345,8 +385,8 @@ def _check_batch_size(batch_size: Any, n: int) -> None:
         )
     if batch_size > n:
         raise ValueError(
-            f"`batch_size` must be at most the number of samples ({n}). "
-            f"Received: batch_size={batch_size}"
+            f"`batch_size` must be at most the number of samples ({n}, per "
+            f"shard when sharded). Received: batch_size={batch_size}"
         )
 
 

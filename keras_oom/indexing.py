@@ -33,15 +33,47 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_samples)
 
 
+SHARD_MODES = ("pad", "drop")
+
+
+def shard_size(num_samples: int, count: int, mode: str) -> int:
+    """Samples per shard when `num_samples` are split `count` ways."""
+    if mode == "pad":
+        return -(-num_samples // count)
+    return num_samples // count
+
+
+def shard_positions(order: np.ndarray, index: int, count: int, mode: str) -> np.ndarray:
+    """The part of one epoch's `order` that shard `index` of `count` reads.
+
+    Shards take every `count`-th sample of the epoch's order, starting at
+    `index`, so they are disjoint and, with a shared seed, together cover the
+    epoch. All shards get the same number of samples, so that every process
+    runs the same number of steps: with `mode="pad"` the order is extended by
+    repeating its first samples (a few samples are then seen twice per
+    epoch), with `mode="drop"` its last `len(order) % count` samples are left
+    out of this epoch.
+    """
+    if count == 1:
+        return order
+    total = shard_size(len(order), count, mode) * count
+    # np.resize repeats the order cyclically, also when count > len(order).
+    full = np.resize(order, total) if mode == "pad" else order[:total]
+    return full[index::count]
+
+
 class BatchPlan:
     """Maps `(epoch, batch)` to the positions of the batch's samples.
 
     Args:
-        num_samples: Number of samples in one epoch.
+        num_samples: Number of samples in one epoch, across all shards.
         batch_size: Samples per batch.
         shuffle: Whether each epoch visits the samples in its own order.
         seed: Seed of the epoch orders (used only with `shuffle=True`).
         drop_remainder: Whether to drop the last, smaller batch.
+        shard: `(index, count)`: this plan covers shard `index` of `count`
+            disjoint parts of every epoch (see `shard_positions`).
+        shard_mode: `"pad"` or `"drop"`, how shards are made equal.
     """
 
     # Prefetching looks one epoch ahead while the consumer finishes the
@@ -56,23 +88,34 @@ class BatchPlan:
         shuffle: bool,
         seed: int,
         drop_remainder: bool,
+        shard: tuple[int, int] = (0, 1),
+        shard_mode: str = "pad",
     ) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_remainder = drop_remainder
+        self.shard = shard
+        self.shard_mode = shard_mode
+        self.shard_samples = shard_size(num_samples, shard[1], shard_mode)
         if drop_remainder:
-            self.batches_per_epoch = num_samples // batch_size
+            self.batches_per_epoch = self.shard_samples // batch_size
         else:
-            self.batches_per_epoch = -(-num_samples // batch_size)
+            self.batches_per_epoch = -(-self.shard_samples // batch_size)
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._fixed_order: np.ndarray | None = None
+        if not shuffle:
+            self._fixed_order = shard_positions(
+                np.arange(num_samples), *shard, shard_mode
+            )
+            self._fixed_order.flags.writeable = False
 
     def order(self, epoch: int) -> np.ndarray:
-        """Returns the positions of all samples in the order of `epoch`."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
+        """Returns the positions of this shard's samples in the order of `epoch`."""
+        if self._fixed_order is not None:
+            return self._fixed_order
         with self._lock:
             order = self._orders.get(epoch)
             if order is not None:
@@ -80,7 +123,11 @@ class BatchPlan:
                 return order
         # Computed outside the lock: a permutation of millions of samples
         # takes milliseconds, and a duplicate computation is harmless.
-        order = epoch_permutation(self.num_samples, self.seed, epoch)
+        order = shard_positions(
+            epoch_permutation(self.num_samples, self.seed, epoch),
+            *self.shard,
+            self.shard_mode,
+        )
         order.flags.writeable = False
         with self._lock:
             self._orders[epoch] = order

@@ -68,6 +68,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         seed: As for `LoaderDataset`.
         drop_remainder: As for `LoaderDataset`.
         repeat: As for `LoaderDataset`.
+        shard: As for `LoaderDataset`.
+        shard_mode: As for `LoaderDataset`.
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
@@ -101,6 +103,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         seed: int | None = None,
         drop_remainder: bool = False,
         repeat: bool = False,
+        shard: tuple[int, int] | str | None = None,
+        shard_mode: str = "pad",
     ) -> None:
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(
@@ -112,6 +116,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             seed=seed,
             drop_remainder=drop_remainder,
             repeat=repeat,
+            shard=shard,
+            shard_mode=shard_mode,
             workers=1,
             use_multiprocessing=False,
         )
@@ -131,7 +137,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                 f"`start_method` must be one of {START_METHODS} or None. "
                 f"Received: start_method={start_method!r}"
             )
-        n = len(self.sample_ids)
+        n = self._plan.shard_samples
         if num_workers * self.batch_size > n:
             reduced = max(1, n // self.batch_size)
             warnings.warn(

@@ -1,0 +1,94 @@
+"""Which part of the data this process reads in multi-process training.
+
+In data-parallel training across processes (one per host, usually), each
+process must read its own disjoint part of every epoch, and every process
+must run the same number of steps, or the collective ops wait forever. The
+split itself is `indexing.shard_positions`; this module validates a user's
+`shard` argument and, for `shard="auto"`, asks the running distribution
+which process this is.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import sys
+from typing import Any
+
+from keras_oom.indexing import SHARD_MODES
+
+
+def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
+    """Turns the `shard` argument into `(index, count)`.
+
+    Args:
+        shard: `None` (one process), `(index, count)`, or `"auto"`.
+        shard_mode: `"pad"` or `"drop"`.
+
+    Returns:
+        `(index, count)` with `0 <= index < count`.
+
+    Raises:
+        ValueError: For an unknown `shard_mode` or `shard` string, or an
+            index out of range.
+        TypeError: For a `shard` that is not a pair of integers.
+    """
+    if shard_mode not in SHARD_MODES:
+        raise ValueError(
+            f"`shard_mode` must be one of {SHARD_MODES}. "
+            f"Received: shard_mode={shard_mode!r}"
+        )
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, str):
+        if shard != "auto":
+            raise ValueError(
+                f"`shard` must be None, 'auto' or (index, count). "
+                f"Received: shard={shard!r}"
+            )
+        return auto_shard()
+    try:
+        index, count = (operator.index(v) for v in shard)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`shard` must be None, 'auto' or a pair of integers (index, count). "
+            f"Received: shard={shard!r}"
+        ) from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(
+            f"`shard` must be (index, count) with 0 <= index < count. "
+            f"Received: shard={shard!r}"
+        )
+    return index, count
+
+
+def auto_shard() -> tuple[int, int]:
+    """Reads `(process index, process count)` from the running distribution.
+
+    JAX (`jax.distributed.initialize`, which `keras.distribution.initialize`
+    calls) answers through `jax.process_index()` and `jax.process_count()`;
+    TensorFlow's multi-worker strategies through their cluster resolver.
+    Where no multi-process run is set up, this is `(0, 1)`: a no-op.
+    """
+    backend = os.environ.get("KERAS_BACKEND", "")
+    if "jax" in sys.modules or backend == "jax":
+        import jax
+
+        if jax.process_count() > 1:
+            return jax.process_index(), jax.process_count()
+    if "tensorflow" in sys.modules:
+        shard = _tensorflow_shard(sys.modules["tensorflow"])
+        if shard is not None:
+            return shard
+    return 0, 1
+
+
+def _tensorflow_shard(tf: Any) -> tuple[int, int] | None:
+    strategy = tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None
+    workers = resolver.cluster_spec().as_dict().get(resolver.task_type, [])
+    if len(workers) <= 1:
+        return None
+    return int(resolver.task_id), len(workers)
