@@ -6,6 +6,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ Key = tuple[int, int]  # (epoch, batch within the epoch)
 # Out-of-order requests within one epoch before we warn: one jump (a peek at
 # ds[5]) is fine; a shuffled batch order is not.
 _OUT_OF_ORDER_WARN_AFTER = 2
+_RECENT_BATCHES = 2
 
 
 class PrefetchLoaderDataset(LoaderDataset):
@@ -154,6 +156,9 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._lock = threading.RLock()
         self._pending: set[Key] = set()  # submitted, not yet back
         self._ready: dict[Key, Completion] = {}  # back, not yet requested
+        # The last batches handed out: TensorFlow's adapter reads batches 0
+        # and 1 to infer shapes and then again to train; keep them once.
+        self._recent: OrderedDict[Key, Completion] = OrderedDict()
         self._last_key: Key | None = None
         self._out_of_order = (0, 0)  # (epoch, count)
         self._warned_order = False
@@ -181,6 +186,9 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def __getitem__(self, index: int) -> Any:
         """Returns batch `index`, loaded ahead by a worker when it was expected.
+
+        Asking again for one of the last two batches returns the same arrays
+        without loading them again (TensorFlow reads two batches early).
 
         Raises:
             IndexError: If `index` is out of range.
@@ -229,6 +237,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._pool = None
             self._pending.clear()
             self._ready.clear()
+            self._recent.clear()
         self._finalizer()
 
     @property
@@ -306,6 +315,17 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def _take(self, pool: WorkerPool, key: Key) -> Completion:
         """Returns the completion of `key`, submitting it first if needed."""
+        completion = self._recent.get(key)
+        if completion is not None and completion.error is None:
+            self._counters["hits"] += 1
+            return completion
+        completion = self._take_new(pool, key)
+        self._recent[key] = completion
+        while len(self._recent) > _RECENT_BATCHES:
+            self._recent.popitem(last=False)
+        return completion
+
+    def _take_new(self, pool: WorkerPool, key: Key) -> Completion:
         if key in self._ready:
             self._counters["hits"] += 1
             return self._ready.pop(key)
@@ -405,7 +425,7 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_pool", "_finalizer", "_lock", "_pending", "_ready"):
+        for name in ("_pool", "_finalizer", "_lock", "_pending", "_ready", "_recent"):
             state.pop(name, None)
         return state
 
@@ -413,7 +433,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         self.__dict__.update(state)
         self._pool = None  # an unpickled copy only loads; it owns no workers
         self._lock = threading.RLock()
-        self._pending, self._ready = set(), {}
+        self._pending, self._ready, self._recent = set(), {}, OrderedDict()
         self._finalizer = weakref.finalize(self, lambda: None)
 
 
