@@ -189,6 +189,7 @@ class WorkerPool:
         self._broken: BaseException | None = None
         self._workers: list[_Worker] = []
         self.started_at = time.perf_counter()
+        self._owner_pid = os.getpid()
         _LIVE_POOLS.add(self)
         try:
             for _ in range(num_workers):
@@ -440,6 +441,12 @@ class WorkerPool:
         self._closed = True
         _LIVE_POOLS.discard(self)
         workers, self._workers = self._workers, []
+        if os.getpid() != self._owner_pid:
+            # A copy in a forked child (the user's os.fork()): the workers
+            # belong to the parent; only let go of the inherited sockets.
+            for w in workers:
+                w.conn.close()
+            return
         for w in workers:
             w.conn.close()  # idle workers exit on end-of-file
         _join_all(workers, _EXIT_GRACE)

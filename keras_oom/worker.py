@@ -58,23 +58,24 @@ def run(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _exit_with_parent(parent_pid)
     try:
-        if isinstance(loader, bytes):
-            loader = pickle.loads(loader)
-        if not callable(loader):
-            raise TypeError(f"loader is not callable: {loader!r}")
-    except BaseException as e:
-        conn.send(("start_error", os.getpid(), _error_payload(e)))
+        try:
+            if isinstance(loader, bytes):
+                loader = pickle.loads(loader)
+            if not callable(loader):
+                raise TypeError(f"loader is not callable: {loader!r}")
+        except Exception as e:
+            conn.send(("start_error", os.getpid(), _error_payload(e)))
+            return
+        conn.send(("ready", os.getpid()))
+        _serve(conn, loader)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # The parent closed the pool, possibly mid-batch: nothing to report.
         return
-    conn.send(("ready", os.getpid()))
-    _serve(conn, loader)
 
 
 def _serve(conn: Connection, loader: Callable[[Any], Any]) -> None:
     while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent closed the pool
+        request = conn.recv()
         if request is None:
             return
         key, ids = request
@@ -87,6 +88,8 @@ def _serve(conn: Connection, loader: Callable[[Any], Any]) -> None:
         seconds = time.perf_counter() - start
         try:
             send_result(conn, (key, seconds), value)
+        except (BrokenPipeError, ConnectionResetError):
+            raise
         except Exception as e:  # the batch does not pickle
             conn.send((key, seconds, "error", _error_payload(e)))
 
