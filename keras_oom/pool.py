@@ -13,6 +13,7 @@ Data flow (parent on the left, one worker on the right):
       v                                          |
     Completion(key, value | error) <-- socket -- (key, seconds, batch header)
                                     <-- memfd --- array data (transport.py)
+    the ids of buffers the caller has freed ride on the next request
 
 - The parent sends a worker a request only when the worker is idle, so each
   worker has at most one batch in flight and the table is exact.
@@ -68,7 +69,7 @@ from typing import Any
 
 from keras_oom import worker as worker_module
 from keras_oom.errors import RemoteTraceback, WorkerDiedError, WorkerTimeoutError
-from keras_oom.transport import receive_value
+from keras_oom.transport import BatchReader
 
 START_METHODS = ("fork", "forkserver", "spawn", "subprocess")
 
@@ -128,6 +129,7 @@ class _Worker:
         self.started = 0.0
         self.batches = 0
         self.busy_seconds = 0.0
+        self.reader = BatchReader()
 
 
 class _SubprocessHandle:
@@ -310,7 +312,7 @@ class WorkerPool:
         w.busy, w.key, w.started = True, key, time.perf_counter()
         # If the worker died, wait() reports it through its sentinel.
         with contextlib.suppress(OSError):
-            w.conn.send((key, ids))
+            w.conn.send((key, ids, w.reader.take_released()))
 
     def wait(self, timeout: float | None = None) -> list[Completion]:
         """Waits until some request completes, or `timeout` seconds pass.
@@ -374,7 +376,7 @@ class WorkerPool:
         if kind == "error":
             completion = Completion(key, error=_rebuild_error(payload))
         else:
-            completion = Completion(key, value=receive_value(w.conn, kind, payload))
+            completion = Completion(key, value=w.reader.receive(w.conn, kind, payload))
         completion.seconds, completion.pid = seconds, w.pid
         w.busy, w.key = False, None
         w.batches += 1

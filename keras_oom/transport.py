@@ -2,17 +2,31 @@
 
 A batch is pickled with protocol 5, which hands NumPy arrays' memory out of
 band instead of copying it into the pickle stream. When those buffers are
-large, the worker copies them once into an anonymous shared-memory file
-(`memfd_create`) and passes the file descriptor over its Unix socket; the
-parent maps the file and unpickles, so the arrays it returns are views of
-that mapping: no second copy, no pickling of array data.
+large, the worker copies them once into a shared-memory file of its own
+(`memfd_create`) and the parent unpickles from its mapping of that file, so
+the arrays it returns are views of shared memory: one copy in all, and no
+array data through the socket.
+
+Buffers are recycled. A fresh shared-memory file costs a page fault and a
+zeroed page for every 4 KiB on both sides, about ten times the copy itself;
+a reused one costs only the copy. So each worker keeps its files, and the
+parent maps each file once:
+
+    worker (BatchWriter)                      parent (BatchReader)
+    picks a free buffer, or makes one  --->   maps a new buffer once (its fd
+    copies the arrays in                      comes with the header)
+    header: buffer id, layout                 wraps the arrays over its map;
+                                              a weakref.finalize on them
+                                              notes the buffer as released
+    marks released buffers free        <---   the ids ride on the next request
+
+An array the caller holds keeps its buffer lent, so a later batch never
+overwrites it: the worker takes another buffer meanwhile.
 
 Why a memfd rather than `multiprocessing.shared_memory`: a memfd has no name.
-It is freed by the kernel when the last descriptor and mapping go, so no
-block can outlive a crashed worker, a killed parent or a forgotten `close()`,
-and there is nothing for a `resource_tracker` to track or warn about. Each
-batch gets its own file, so an array the caller holds is never overwritten by
-a later batch; its memory goes back to the system when the array is freed.
+The kernel frees it when the last descriptor and mapping go, so no block can
+outlive a crashed worker, a killed parent or a forgotten `close()`, and there
+is nothing for a `resource_tracker` to track or warn about.
 
 Small batches, non-array batches and platforms without `memfd_create` take
 the plain path: the whole pickle goes through the socket.
@@ -20,80 +34,150 @@ the plain path: the whole pickle goes through the socket.
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import pickle
+import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
+import numpy as np
+
 # Below this many bytes of array data, one pickle through the socket is
-# cheaper than creating, mapping and passing a file.
+# cheaper than a shared-memory round trip.
 SHARED_MEMORY_THRESHOLD = 64 * 1024
 _ALIGN = 64  # keeps every array's data aligned for vectorised code
+_ROUND = 1 << 20  # new buffers are sized up to whole MiB to fit later batches
+_MAX_FREE = 2  # free buffers a worker keeps beyond those lent out
 
 HAS_MEMFD = hasattr(os, "memfd_create")
 
 
-def send_result(conn: Connection, header: tuple, value: Any) -> None:
-    """Sends `value` with a small `header`, through shared memory if large.
+class BatchWriter:
+    """The worker's side: sends batches, recycling its shared-memory buffers."""
 
-    Args:
-        conn: The worker's end of its socket to the parent.
-        header: A small picklable tuple sent ahead of the value.
-        value: The batch, any picklable object.
-    """
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    total_oob = sum(r.nbytes for r in raws)
-    if not HAS_MEMFD or total_oob < SHARED_MEMORY_THRESHOLD:
-        if buffers:  # re-pickle with the buffers in band
-            data = pickle.dumps(value, protocol=5)
-        conn.send((*header, "inline", data))
-        return
-    offsets = []
-    offset = _aligned(len(data))
-    for r in raws:
-        offsets.append((offset, r.nbytes))
-        offset = _aligned(offset + r.nbytes)
-    fd = os.memfd_create("keras_oom_batch", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, offset)
-        with mmap.mmap(fd, offset) as mm:
-            mm[: len(data)] = data
-            for (start, size), r in zip(offsets, raws, strict=True):
-                mm[start : start + size] = r
-        conn.send((*header, "memfd", (len(data), offsets)))
-        send_handle(conn, fd, 0)
-    finally:
-        os.close(fd)
+    def __init__(self) -> None:
+        self._maps: dict[int, mmap.mmap] = {}
+        self._free: set[int] = set()
+        self._next_id = 0
+
+    def release(self, buffer_ids: list[int]) -> None:
+        """Marks buffers the parent no longer uses as free for reuse."""
+        self._free.update(b for b in buffer_ids if b in self._maps)
+
+    def send(self, conn: Connection, header: tuple, value: Any) -> None:
+        """Sends `value` after a small `header`, through shared memory if large.
+
+        Args:
+            conn: The worker's end of its socket to the parent.
+            header: A small picklable tuple sent ahead of the value.
+            value: The batch, any picklable object.
+        """
+        buffers: list[pickle.PickleBuffer] = []
+        data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        raws = [b.raw() for b in buffers]
+        if not HAS_MEMFD or sum(r.nbytes for r in raws) < SHARED_MEMORY_THRESHOLD:
+            if buffers:  # re-pickle with the buffers in band
+                data = pickle.dumps(value, protocol=5)
+            conn.send((*header, "inline", data))
+            return
+        offsets = []
+        end = _aligned(len(data))
+        for r in raws:
+            offsets.append((end, r.nbytes))
+            end = _aligned(end + r.nbytes)
+        buffer_id, new_fd = self._acquire(end)
+        mm = self._maps[buffer_id]
+        mm[: len(data)] = data
+        for (start, size), r in zip(offsets, raws, strict=True):
+            mm[start : start + size] = r
+        discarded = self._trim()
+        new_size = len(mm) if new_fd is not None else None
+        layout = (buffer_id, new_size, len(data), offsets, discarded)
+        conn.send((*header, "memfd", layout))
+        if new_fd is not None:
+            try:
+                send_handle(conn, new_fd, 0)
+            finally:
+                os.close(new_fd)
+
+    def _acquire(self, size: int) -> tuple[int, int | None]:
+        """A free buffer of at least `size` bytes, else a new one with its fd."""
+        fits = [b for b in self._free if len(self._maps[b]) >= size]
+        if fits:
+            buffer_id = min(fits, key=lambda b: len(self._maps[b]))
+            self._free.discard(buffer_id)
+            return buffer_id, None
+        capacity = -(-size // _ROUND) * _ROUND
+        fd = os.memfd_create("keras_oom_batch", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, capacity)
+            mm = mmap.mmap(fd, capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        buffer_id, self._next_id = self._next_id, self._next_id + 1
+        self._maps[buffer_id] = mm
+        return buffer_id, fd
+
+    def _trim(self) -> list[int]:
+        """Drops free buffers beyond `_MAX_FREE`, smallest first."""
+        dropped = []
+        while len(self._free) > _MAX_FREE:
+            buffer_id = min(self._free, key=lambda b: len(self._maps[b]))
+            self._free.discard(buffer_id)
+            self._maps.pop(buffer_id).close()
+            dropped.append(buffer_id)
+        return dropped
 
 
-def receive_value(conn: Connection, kind: str, payload: Any) -> Any:
-    """Rebuilds the value announced by a header received from `conn`.
+class BatchReader:
+    """The parent's side for one worker: rebuilds batches from its messages."""
 
-    Args:
-        conn: The parent's end of the worker's socket.
-        kind: `"inline"` or `"memfd"`, from the header.
-        payload: The rest of the header: the pickle, or the layout of the
-            shared-memory file whose descriptor follows on `conn`.
+    def __init__(self) -> None:
+        self._maps: dict[int, mmap.mmap] = {}
+        # Appended to by finalizers, from whichever thread drops the arrays.
+        self._released: collections.deque[int] = collections.deque()
 
-    Returns:
-        The batch. Its arrays are views of the shared-memory mapping, which
-        lives as long as any of them.
-    """
-    if kind == "inline":
-        return pickle.loads(payload)
-    data_len, offsets = payload
-    fd = recv_handle(conn)
-    try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-    view = memoryview(mm)
-    return pickle.loads(view[:data_len], buffers=[view[s : s + n] for s, n in offsets])
+    def receive(self, conn: Connection, kind: str, payload: Any) -> Any:
+        """Rebuilds the value announced by a header received from `conn`.
+
+        Args:
+            conn: The parent's end of the worker's socket.
+            kind: `"inline"` or `"memfd"`, from the header.
+            payload: The rest of the header: the pickle, or the layout of the
+                shared-memory buffer that holds it.
+
+        Returns:
+            The batch. Its arrays are views of the worker's buffer, which
+            stays lent to them until the last one is freed.
+        """
+        if kind == "inline":
+            return pickle.loads(payload)
+        buffer_id, new_size, data_len, offsets, discarded = payload
+        for b in discarded:
+            self._maps.pop(b, None)
+        if new_size is not None:
+            fd = recv_handle(conn)
+            try:
+                self._maps[buffer_id] = mmap.mmap(fd, new_size)
+            finally:
+                os.close(fd)
+        owner = np.frombuffer(self._maps[buffer_id], dtype=np.uint8)
+        weakref.finalize(owner, self._released.append, buffer_id)
+        return pickle.loads(
+            owner[:data_len].data,
+            buffers=[owner[s : s + n] for s, n in offsets],
+        )
+
+    def take_released(self) -> list[int]:
+        """The buffers released since the last call, to return to the worker."""
+        released = []
+        while self._released:
+            released.append(self._released.popleft())
+        return released
 
 
 def _aligned(n: int) -> int:

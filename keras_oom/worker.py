@@ -6,12 +6,13 @@ a fraction of a second and starts no backend threads.
 
 Messages on a worker's socket (see `pool.py` for the parent's side):
 
-    parent -> worker   (key, ids)            load `ids`; `key` names the batch
+    parent -> worker   (key, ids, released)  load `ids`; `key` names the batch;
+                                             `released` buffers are free again
                        None                  exit
     worker -> parent   ("ready", pid)        set up, loader unpickled
                        ("start_error", pid, error)   setup failed; exits
                        (key, seconds, "inline", pickle)
-                       (key, seconds, "memfd", layout) + descriptor
+                       (key, seconds, "memfd", layout) [+ descriptor]
                        (key, seconds, "error", error)
 """
 
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from keras_oom.transport import send_result
+from keras_oom.transport import BatchWriter
 
 
 def run(
@@ -74,11 +75,13 @@ def run(
 
 
 def _serve(conn: Connection, loader: Callable[[Any], Any]) -> None:
+    writer = BatchWriter()
     while True:
         request = conn.recv()
         if request is None:
             return
-        key, ids = request
+        key, ids, released = request
+        writer.release(released)
         start = time.perf_counter()
         try:
             value = loader(ids)
@@ -87,7 +90,7 @@ def _serve(conn: Connection, loader: Callable[[Any], Any]) -> None:
             continue
         seconds = time.perf_counter() - start
         try:
-            send_result(conn, (key, seconds), value)
+            writer.send(conn, (key, seconds), value)
         except (BrokenPipeError, ConnectionResetError):
             raise
         except Exception as e:  # the batch does not pickle
