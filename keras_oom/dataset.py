@@ -90,6 +90,7 @@ class LoaderDataset(keras.utils.PyDataset):
     >>> x, y = ds[2]
     >>> x.tolist(), y.tolist()
     ([40], [4])
+
     ```
     """
 

@@ -88,6 +88,7 @@ class PrefetchLoaderDataset(LoaderDataset):
     ...                            batch_size=2, num_workers=2) as ds:
     ...     [ds[i].tolist() for i in range(len(ds))]
     [[0, 10], [20, 30], [40, 50]]
+
     ```
     """
 
@@ -287,6 +288,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         ...     s = ds.stats()
         >>> s["batches"], len(s["workers"])
         (4, 2)
+
         ```
         """
         with self._lock:
@@ -326,6 +328,9 @@ class PrefetchLoaderDataset(LoaderDataset):
         return completion
 
     def _take_new(self, pool: WorkerPool, key: Key) -> Completion:
+        # Collect what has already arrived: it frees those workers for the
+        # next batches, and tells a batch loaded ahead from one waited for.
+        self._collect(pool.wait(0))
         if key in self._ready:
             self._counters["hits"] += 1
             return self._ready.pop(key)
