@@ -899,13 +899,9 @@ def explain(
             if ps["load_ms"] > 1.5 * serial_ms:
                 t.why = (
                     f"the same loader took {ps['load_ms']:.1f} ms per batch in a "
-                    f"worker against {serial_ms:.1f} ms in the serial loop. The "
-                    f"workers are fresh interpreters, whose glibc allocator still "
-                    f"has its default thresholds: every 3 MiB NumPy temporary is "
-                    f"mapped and unmapped, a page fault per 4 KiB each time, while "
-                    f"the benchmark's parent (and workers forked from it) has raised "
-                    f"them after earlier large allocations; two busy workers on a "
-                    f"loaded 2-core machine then lose to one warm process."
+                    f"worker against {serial_ms:.1f} ms in the serial loop: two "
+                    f"workers and the consumer share 2 cores (and this machine "
+                    f"with other jobs), so each load runs slower than alone."
                 )
             else:
                 t.why = (
@@ -934,14 +930,19 @@ def explain(
                 f"batch landing on a boundary (see the loader time above), not a "
                 f"missing prefetch."
             )
+        elif "memory flat" in t.text:
+            t.why = (
+                "the parent's memory grew after the first epoch: batches or "
+                "shared-memory buffers are being kept beyond their use."
+            )
         elif "parent memory" in t.text:
             w = next(w for w in workloads if w.name == name)
             held = res[name][POOL].parent_mib / (w.batch_bytes / 2**20)
             t.why = (
                 f"the parent keeps every shared-memory buffer the workers recycle "
                 f"mapped, not only the batches in use: {held:.1f} batches' worth "
-                f"(each worker keeps up to two free buffers besides the one it "
-                f"fills, sized up to whole MiB)."
+                f"(each worker keeps one free buffer besides those lent out and "
+                f"the one it fills, sized up to whole MiB)."
             )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import threading
 import time
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +29,7 @@ Key = tuple[int, int]  # (epoch, batch within the epoch)
 # Out-of-order requests within one epoch before we warn: one jump (a peek at
 # ds[5]) is fine; a shuffled batch order is not.
 _OUT_OF_ORDER_WARN_AFTER = 2
-_RECENT_BATCHES = 2
+_RECENT_BATCHES = 2  # batches 0 and 1 of an epoch are kept for a re-read
 
 
 class PrefetchLoaderDataset(LoaderDataset):
@@ -157,9 +159,9 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._lock = threading.RLock()
         self._pending: set[Key] = set()  # submitted, not yet back
         self._ready: dict[Key, Completion] = {}  # back, not yet requested
-        # The last batches handed out: TensorFlow's adapter reads batches 0
-        # and 1 to infer shapes and then again to train; keep them once.
-        self._recent: OrderedDict[Key, Completion] = OrderedDict()
+        # TensorFlow's adapter reads batches 0 and 1 to infer shapes, then
+        # again to train: keep an epoch's first batches until batch 2 is read.
+        self._recent: dict[Key, Completion] = {}
         self._last_key: Key | None = None
         self._out_of_order = (0, 0)  # (epoch, count)
         self._warned_order = False
@@ -188,8 +190,9 @@ class PrefetchLoaderDataset(LoaderDataset):
     def __getitem__(self, index: int) -> Any:
         """Returns batch `index`, loaded ahead by a worker when it was expected.
 
-        Asking again for one of the last two batches returns the same arrays
-        without loading them again (TensorFlow reads two batches early).
+        Asking again for batch 0 or 1 of the epoch before batch 2 returns a
+        copy of them instead of loading them again (TensorFlow's adapter
+        reads two batches early to infer shapes).
 
         Raises:
             IndexError: If `index` is out of range.
@@ -317,14 +320,20 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def _take(self, pool: WorkerPool, key: Key) -> Completion:
         """Returns the completion of `key`, submitting it first if needed."""
-        completion = self._recent.get(key)
-        if completion is not None and completion.error is None:
+        kept = self._recent.get(key)
+        if kept is not None:
             self._counters["hits"] += 1
-            return completion
+            return dataclasses.replace(kept, value=copy.deepcopy(kept.value))
         completion = self._take_new(pool, key)
-        self._recent[key] = completion
-        while len(self._recent) > _RECENT_BATCHES:
-            self._recent.popitem(last=False)
+        if key[1] >= _RECENT_BATCHES:
+            self._recent.clear()  # past the early reads: let those copies go
+        elif completion.error is None:
+            # A copy, so that a caller normalising the batch in place does
+            # not change what a re-read returns.
+            with contextlib.suppress(Exception):
+                self._recent[key] = dataclasses.replace(
+                    completion, value=copy.deepcopy(completion.value)
+                )
         return completion
 
     def _take_new(self, pool: WorkerPool, key: Key) -> Completion:
@@ -438,7 +447,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         self.__dict__.update(state)
         self._pool = None  # an unpickled copy only loads; it owns no workers
         self._lock = threading.RLock()
-        self._pending, self._ready, self._recent = set(), {}, OrderedDict()
+        self._pending, self._ready, self._recent = set(), {}, {}
         self._finalizer = weakref.finalize(self, lambda: None)
 
 

@@ -50,7 +50,7 @@ import numpy as np
 SHARED_MEMORY_THRESHOLD = 64 * 1024
 _ALIGN = 64  # keeps every array's data aligned for vectorised code
 _ROUND = 1 << 20  # new buffers are sized up to whole MiB to fit later batches
-_MAX_FREE = 2  # free buffers a worker keeps beyond those lent out
+_MAX_FREE = 1  # free buffers a worker keeps beyond those lent out
 
 HAS_MEMFD = hasattr(os, "memfd_create")
 

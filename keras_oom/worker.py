@@ -19,6 +19,7 @@ Messages on a worker's socket (see `pool.py` for the parent's side):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import select
@@ -58,6 +59,7 @@ def run(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _exit_with_parent(parent_pid)
+    _keep_large_allocations_on_heap()
     try:
         try:
             if isinstance(loader, bytes):
@@ -132,6 +134,31 @@ def _exit_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="keras_oom-parent-watch", daemon=True).start()
+
+
+def _keep_large_allocations_on_heap() -> None:
+    """Stops glibc from mapping and unmapping every large NumPy temporary.
+
+    By default glibc serves allocations above a threshold (128 KiB, adapting
+    upwards only to sizes already freed) with a fresh mmap, and returns them
+    to the kernel on free. A loader making MiB-sized arrays then pays a page
+    fault and a zeroed page per 4 KiB on every batch: measured here, 19 ms
+    against 4.5 ms for the same loader in a process whose heap was warm.
+    Fixed thresholds keep such arrays on the heap and reuse their pages.
+    A user's own MALLOC_* environment settings win.
+    """
+    if not sys.platform.startswith("linux") or any(
+        k.startswith("MALLOC_") for k in os.environ
+    ):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+    mallopt(m_trim_threshold, 64 << 20)
 
 
 def _alive(pid: int) -> bool:
