@@ -1,0 +1,411 @@
+"""PrefetchLoaderDataset: same batches as LoaderDataset, pool reuse, order.
+
+The central promise is that prefetching is invisible: for every index, in
+any request order and for any `num_workers`, `ds[i]` equals what
+`LoaderDataset` returns. The rest checks what makes it fast (a fixed pool
+reused across epochs, a window of `num_workers` batches loaded ahead, also
+across the epoch boundary) and that it nudges users away from request
+orders that defeat the prefetch, without false alarms for Keras's own
+access pattern.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+
+import _procs
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keras_oom
+from keras_oom import LoaderDataset, PrefetchLoaderDataset
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers():
+    before = _procs.worker_descendants()
+    yield
+    _procs.assert_no_new_workers(before)
+
+
+def assert_batches_equal(got, want):
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert_batches_equal(g, w)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys()
+        for k in want:
+            assert_batches_equal(got[k], want[k])
+    else:
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def order_warnings(record):
+    return [w for w in record if "out of order" in str(w.message)]
+
+
+# -- equivalence --------------------------------------------------------------
+
+
+@st.composite
+def configs(draw):
+    n = draw(st.integers(1, 30))
+    batch_size = draw(st.integers(1, n))
+    cfg = {
+        "num_workers": draw(st.integers(1, 3)),
+        "batch_size": batch_size,
+        "shuffle": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "drop_remainder": draw(st.booleans()),
+        "repeat": draw(st.booleans()),
+    }
+    labels = draw(st.sampled_from(["none", "array", "dict"]))
+    per_epoch = n // batch_size if cfg["drop_remainder"] else -(-n // batch_size)
+    span = per_epoch * (3 if cfg["repeat"] else 1)
+    index = st.integers(0, span - 1)
+    orders = [
+        draw(
+            st.one_of(
+                st.permutations(list(range(span))),
+                st.lists(index, min_size=1, max_size=2 * span + 2),
+            )
+        )
+        for _ in range(2)
+    ]
+    return n, cfg, labels, orders
+
+
+@pytest.mark.timeout(150)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(configs())
+def test_same_batches_as_loader_dataset(example):
+    n, cfg, label_kind, orders = example
+    ids = np.arange(100, 100 + n)
+    labels = {
+        "none": None,
+        "array": np.arange(n) * 3,
+        "dict": {"a": np.arange(n) * 3, "b": np.arange(n).astype(np.float32)},
+    }[label_kind]
+    plain_cfg = {k: v for k, v in cfg.items() if k != "num_workers"}
+    reference = LoaderDataset(_procs.ids_loader, ids, labels, **plain_cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reduction, order
+        ds = PrefetchLoaderDataset(_procs.ids_loader, ids, labels, **cfg)
+        with ds:
+            for order in orders:
+                for i in order:
+                    assert_batches_equal(ds[i], reference[i])
+                    np.testing.assert_array_equal(
+                        ds.batch_ids(i), reference.batch_ids(i)
+                    )
+                ds.on_epoch_end()
+                reference.on_epoch_end()
+            pids = ds.worker_pids
+    assert _procs.wait_gone(pids) == []
+
+
+def test_is_a_loader_dataset_with_keras_parallelism_off():
+    with PrefetchLoaderDataset(_procs.ids_loader, np.arange(8), batch_size=2) as ds:
+        assert isinstance(ds, LoaderDataset)
+        assert ds.workers == 1
+        assert ds.use_multiprocessing is False
+        assert ds.num_workers == 2
+        assert len(ds.worker_pids) == 2
+        assert keras_oom.PrefetchLoaderDataset is PrefetchLoaderDataset
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_random_access_in_every_epoch(num_workers):
+    ids = np.arange(40)
+    reference = LoaderDataset(
+        _procs.ids_loader, ids, ids % 5, batch_size=3, shuffle=True, seed=7
+    )
+    rng = np.random.default_rng(0)
+    with (
+        warnings.catch_warnings(),
+        PrefetchLoaderDataset(
+            _procs.ids_loader,
+            ids,
+            ids % 5,
+            batch_size=3,
+            shuffle=True,
+            seed=7,
+            num_workers=num_workers,
+        ) as ds,
+    ):
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(3):
+            for i in [*rng.permutation(len(ds)), -1, 0, 0, len(ds) - 1, 5]:
+                assert_batches_equal(ds[int(i)], reference[int(i)])
+            ds.on_epoch_end()
+            reference.on_epoch_end()
+        with pytest.raises(IndexError):
+            ds[len(ds)]
+
+
+def test_set_epoch_matches_loader_dataset():
+    ids = np.arange(20)
+    kw = {"batch_size": 4, "shuffle": True, "seed": 3}
+    reference = LoaderDataset(_procs.ids_loader, ids, **kw)
+    with PrefetchLoaderDataset(_procs.ids_loader, ids, **kw) as ds:
+        for epoch in (5, 2, 2, 0):
+            ds.set_epoch(epoch)
+            reference.set_epoch(epoch)
+            for i in range(len(ds)):
+                assert_batches_equal(ds[i], reference[i])
+
+
+def test_mutating_a_batch_does_not_change_a_later_read():
+    """Re-reading a batch gives the loader's data, as LoaderDataset does."""
+    with PrefetchLoaderDataset(
+        _procs.big_loader, np.arange(64), batch_size=16, num_workers=1
+    ) as ds:
+        first = ds[0]
+        want = first.copy()
+        first[:] = -1  # e.g. in-place normalisation by the caller
+        np.testing.assert_array_equal(ds[1][:, 0], np.arange(16, 32))
+        np.testing.assert_array_equal(ds[0], want)
+
+
+# -- the pool -------------------------------------------------------------------
+
+
+def test_workers_are_reused_across_epochs():
+    ids = np.arange(24)
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, ids, batch_size=4, num_workers=2, shuffle=True, seed=1
+    ) as ds:
+        pids = ds.worker_pids
+        assert len(set(pids)) == 2
+        assert all(_procs.alive(p) for p in pids)
+        for _ in range(4):
+            for i in range(len(ds)):
+                ds[i]
+            ds.on_epoch_end()
+            assert ds.worker_pids == pids
+        stats = ds.stats()
+        assert stats["batches"] == 4 * len(ds)
+        assert {w["pid"] for w in stats["workers"]} == set(pids)
+        # Both workers did share the work: the pool is really used.
+        assert all(w["batches"] > 0 for w in stats["workers"])
+    assert _procs.wait_gone(pids) == []
+
+
+def wait_for_log(path, count, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _procs.read_log(path)
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.02)
+    return _procs.read_log(path)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_prefetch_window_is_num_workers_batches(tmp_path, num_workers):
+    """Each worker holds at most one batch: exactly num_workers load ahead."""
+    log = tmp_path / "log"
+    loader = functools.partial(_procs.logging_loader, path=str(log))
+    ids = np.arange(40)
+    with PrefetchLoaderDataset(
+        loader, ids, batch_size=4, num_workers=num_workers
+    ) as ds:
+        np.testing.assert_array_equal(ds[0], ids[:4] * 2)
+        lines = wait_for_log(log, num_workers + 1)
+        time.sleep(0.3)  # room for any (wrong) extra loads to show up
+        lines = _procs.read_log(log)
+        loaded = sorted(line[0] // 4 for line in lines)
+        assert loaded == list(range(num_workers + 1))
+        # The batches ahead are served without loading again.
+        for i in range(1, num_workers + 1):
+            np.testing.assert_array_equal(ds[i], ids[4 * i : 4 * i + 4] * 2)
+        assert ds.stats()["hits"] >= num_workers - 1
+
+
+def test_prefetches_across_the_epoch_boundary(tmp_path):
+    log = tmp_path / "log"
+    loader = functools.partial(_procs.logging_loader, path=str(log))
+    ids = np.arange(12)
+    kw = {"batch_size": 4, "shuffle": True, "seed": 11}
+    reference = LoaderDataset(loader, ids, **kw)
+    reference.on_epoch_end()
+    next_epoch_first = sorted(reference.batch_ids(0).tolist())
+    with PrefetchLoaderDataset(loader, ids, num_workers=2, **kw) as ds:
+        for i in range(len(ds)):
+            ds[i]
+        # Before on_epoch_end, the next epoch's first batch is being loaded.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(sorted(line) == next_epoch_first for line in _procs.read_log(log)):
+                break
+            time.sleep(0.02)
+        assert any(sorted(line) == next_epoch_first for line in _procs.read_log(log))
+        ds.on_epoch_end()
+        np.testing.assert_array_equal(ds[0], reference.batch_ids(0) * 2)
+        # Served from the prefetch: that batch was loaded only once.
+        time.sleep(0.2)
+        lines = _procs.read_log(log)
+        assert [sorted(line) for line in lines].count(next_epoch_first) == 1
+
+
+def test_stats_count_batches_loaded_ahead_as_hits():
+    """A step slower than the loader finds every batch ready: all are hits."""
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, np.arange(40), batch_size=4, num_workers=2
+    ) as ds:
+        for i in range(len(ds)):
+            time.sleep(0.1)  # a training step much slower than the loader
+            ds[i]
+        stats = ds.stats()
+    assert stats["batches"] == 10
+    assert stats["wait_seconds"] < 0.5  # nothing waited on the workers
+    assert stats["hits"] >= 9, stats
+
+
+def test_too_many_workers_are_reduced_with_a_warning():
+    with pytest.warns(UserWarning, match="num_workers reduced from 3 to 2"):
+        ds = PrefetchLoaderDataset(
+            _procs.ids_loader, np.arange(10), batch_size=4, num_workers=3
+        )
+    with ds:
+        assert ds.num_workers == 2
+        assert len(ds.worker_pids) == 2
+        assert [len(ds[i]["n"]) for i in range(len(ds))] == [4, 4, 2]
+    with pytest.warns(UserWarning, match="reduced from 2 to 1"):
+        ds = PrefetchLoaderDataset(
+            _procs.ids_loader, np.arange(5), batch_size=4, num_workers=2
+        )
+    with ds:
+        assert ds.num_workers == 1
+        assert len(ds.worker_pids) == 1
+
+
+def test_enough_samples_means_no_reduction():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with PrefetchLoaderDataset(
+            _procs.ids_loader, np.arange(12), batch_size=4, num_workers=3
+        ) as ds:
+            assert ds.num_workers == 3
+            assert len(ds.worker_pids) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"num_workers": 0}, ValueError),
+        ({"num_workers": 1.5}, TypeError),
+        ({"timeout": 0}, ValueError),
+        ({"timeout": "1"}, TypeError),
+        ({"start_method": "thread"}, ValueError),
+    ],
+)
+def test_bad_arguments_start_no_workers(kwargs, error):
+    before = _procs.worker_descendants()
+    with pytest.raises(error):
+        PrefetchLoaderDataset(_procs.ids_loader, np.arange(8), batch_size=2, **kwargs)
+    assert _procs.worker_descendants() - before == set()
+
+
+# -- request order ----------------------------------------------------------------
+
+
+def test_out_of_order_requests_warn_once():
+    ids = np.arange(64)
+    with (
+        warnings.catch_warnings(record=True) as record,
+        PrefetchLoaderDataset(_procs.ids_loader, ids, batch_size=4) as ds,
+    ):
+        warnings.simplefilter("always")
+        order = np.random.default_rng(1).permutation(len(ds))
+        for _ in range(3):
+            for i in order:
+                ds[int(i)]
+            ds.on_epoch_end()
+    found = order_warnings(record)
+    assert len(found) == 1
+    assert issubclass(found[0].category, UserWarning)
+    assert "shuffle=False" in str(found[0].message)
+
+
+def test_in_order_reading_does_not_warn():
+    with (
+        warnings.catch_warnings(record=True) as record,
+        PrefetchLoaderDataset(_procs.ids_loader, np.arange(30), batch_size=4) as ds,
+    ):
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for i in range(len(ds)):
+                ds[i]
+            ds.on_epoch_end()
+        ds[0]
+        ds[0]  # a repeated request is not out of order
+    assert order_warnings(record) == []
+
+
+def test_repeat_in_order_does_not_warn():
+    with (
+        warnings.catch_warnings(record=True) as record,
+        PrefetchLoaderDataset(
+            _procs.ids_loader, np.arange(10), batch_size=3, repeat=True, shuffle=True
+        ) as ds,
+    ):
+        warnings.simplefilter("always")
+        reference = LoaderDataset(
+            _procs.ids_loader, np.arange(10), batch_size=3, repeat=True,
+            shuffle=True, seed=ds.seed,
+        )  # fmt: skip
+        for i in range(4 * ds.batches_per_epoch):
+            assert_batches_equal(ds[i], reference[i])
+    assert order_warnings(record) == []
+
+
+def test_keras_jax_trainer_pattern_does_not_warn():
+    """Keras's JAX trainer peeks at batch 0, ends the epoch, then iterates."""
+    ids = np.arange(30)
+    reference = LoaderDataset(
+        _procs.ids_loader, ids, batch_size=4, shuffle=True, seed=5
+    )
+    with (
+        warnings.catch_warnings(record=True) as record,
+        PrefetchLoaderDataset(
+            _procs.ids_loader, ids, batch_size=4, shuffle=True, seed=5
+        ) as ds,
+    ):
+        warnings.simplefilter("always")
+        assert_batches_equal(ds[0], reference[0])
+        ds.on_epoch_end()
+        reference.on_epoch_end()
+        for _ in range(2):
+            for i in range(len(ds)):
+                assert_batches_equal(ds[i], reference[i])
+            ds.on_epoch_end()
+            reference.on_epoch_end()
+    assert order_warnings(record) == []
+
+
+def test_one_peek_does_not_warn():
+    with (
+        warnings.catch_warnings(record=True) as record,
+        PrefetchLoaderDataset(_procs.ids_loader, np.arange(40), batch_size=4) as ds,
+    ):
+        warnings.simplefilter("always")
+        ds[0]
+        ds[5]  # a single jump, e.g. a user peeking at one batch
+        ds.on_epoch_end()
+        for i in range(len(ds)):
+            ds[i]
+    assert order_warnings(record) == []

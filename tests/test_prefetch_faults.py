@@ -1,0 +1,610 @@
+"""PrefetchLoaderDataset when things go wrong, and how its workers end.
+
+Worker pools fail in ways a plain loader never does: a worker dies, hangs,
+raises an exception that cannot travel back, or outlives its parent; Ctrl-C
+reaches every process; JAX makes forking unsafe. Each promise is checked
+against real processes, with per-test timeouts so that a regression fails
+instead of hanging, and an autouse fixture that fails any test leaving a
+worker process behind. Scenarios that kill or interrupt the parent run in a
+subprocess script.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import signal
+import subprocess
+import threading
+import time
+import traceback
+
+import _procs
+import numpy as np
+import pytest
+
+from keras_oom import (
+    DatasetClosedError,
+    LoaderDataset,
+    PrefetchLoaderDataset,
+    WorkerDiedError,
+    WorkerTimeoutError,
+)
+from keras_oom.errors import RemoteTraceback
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers():
+    before = _procs.worker_descendants()
+    yield
+    _procs.assert_no_new_workers(before)
+
+
+def faulty(actions, pidfile=None):
+    return functools.partial(
+        _procs.faulty_loader,
+        actions=actions,
+        pidfile=None if pidfile is None else str(pidfile),
+    )
+
+
+IDS = np.arange(24)  # batch_size 4: batch k holds ids 4k .. 4k+3
+
+
+def expect(ds, i):
+    np.testing.assert_array_equal(ds[i], IDS[4 * i : 4 * i + 4] * 2)
+
+
+# -- loader exceptions ----------------------------------------------------------
+
+
+def test_loader_exception_reaches_the_caller_with_its_traceback():
+    with PrefetchLoaderDataset(
+        faulty({9: "raise"}), IDS, batch_size=4, num_workers=2
+    ) as ds:
+        expect(ds, 0)
+        expect(ds, 1)
+        with pytest.raises(ValueError, match="bad sample 9") as info:
+            ds[2]
+        error = info.value
+        assert type(error) is ValueError
+        assert isinstance(error.__cause__, RemoteTraceback)
+        remote = str(error.__cause__)
+        assert "faulty_loader" in remote
+        assert 'raise ValueError(f"bad sample {int(i)}")' in remote
+        notes = " ".join(getattr(error, "__notes__", []))
+        assert "batch 2" in notes
+        assert "[8, 9, 10" in notes
+        pids = ds.worker_pids
+        assert any(f"pid {p}" in notes for p in pids), (notes, pids)
+        # The full report shows the worker's traceback.
+        report = "".join(traceback.format_exception(error))
+        assert "faulty_loader" in report
+        # The pool is still usable, with the same workers.
+        for i in range(3, len(ds)):
+            expect(ds, i)
+        expect(ds, 0)
+        assert ds.worker_pids == pids
+        # The failing batch fails again, freshly loaded.
+        with pytest.raises(ValueError, match="bad sample 9"):
+            ds[2]
+
+
+@pytest.mark.parametrize(
+    ("action", "name"),
+    [("needs_arg", "NeedsArgError"), ("lock", "LockHoldingError")],
+)
+def test_exception_that_does_not_pickle_becomes_runtime_error(action, name):
+    with PrefetchLoaderDataset(
+        faulty({5: action}), IDS, batch_size=4, num_workers=2
+    ) as ds:
+        expect(ds, 0)
+        with pytest.raises(RuntimeError, match=name) as info:
+            ds[1]
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert name in str(info.value.__cause__)
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "batch 1" in notes
+        expect(ds, 2)
+        expect(ds, 3)
+
+
+def test_batch_that_does_not_pickle_becomes_an_error():
+    def loader(ids):
+        return threading.Lock() if 5 in ids else ids * 2
+
+    with PrefetchLoaderDataset(
+        loader, IDS, batch_size=4, num_workers=2, start_method="fork"
+    ) as ds:
+        expect(ds, 0)
+        with pytest.raises(TypeError, match="lock"):
+            ds[1]
+        expect(ds, 2)
+
+
+# -- dying and stuck workers ------------------------------------------------------
+
+
+def test_worker_exit_raises_worker_died_error_and_is_replaced():
+    with PrefetchLoaderDataset(
+        faulty({9: "exit3"}), IDS, batch_size=4, num_workers=2
+    ) as ds:
+        expect(ds, 0)
+        before = ds.worker_pids
+        expect(ds, 1)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError) as info:
+            ds[2]
+        assert time.monotonic() - start < 5
+        error = info.value
+        assert isinstance(error, RuntimeError)
+        assert error.exitcode == 3
+        assert error.batch_index == 2
+        assert error.pid in before
+        message = str(error)
+        assert str(error.pid) in message
+        assert "code 3" in message
+        assert "batch 2" in message
+        # Later batches load; the dead worker was replaced, the pool kept its size.
+        for i in range(3, len(ds)):
+            expect(ds, i)
+        after = ds.worker_pids
+        assert len(after) == 2
+        assert error.pid not in after
+        assert not _procs.alive(error.pid)
+
+
+def test_sigkilled_worker_raises_worker_died_error(tmp_path):
+    pidfile = tmp_path / "sleeper"
+    with PrefetchLoaderDataset(
+        faulty({9: "sleep"}, pidfile), IDS, batch_size=4, num_workers=2
+    ) as ds:
+        expect(ds, 0)
+        expect(ds, 1)  # batch 2 is now loading ahead, and sleeping
+        victim = int(_procs.wait_for_file(pidfile))
+        assert victim in ds.worker_pids
+        os.kill(victim, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError) as info:
+            ds[2]
+        assert time.monotonic() - start < 5
+        error = info.value
+        assert error.pid == victim
+        assert error.exitcode == -9
+        assert error.batch_index == 2
+        assert "SIGKILL" in str(error)
+        assert "-9" in str(error)
+        for i in range(3, len(ds)):
+            expect(ds, i)
+        assert victim not in ds.worker_pids
+        assert len(ds.worker_pids) == 2
+
+
+def test_idle_worker_killed_is_replaced_silently():
+    with PrefetchLoaderDataset(_procs.ids_loader, IDS, batch_size=4) as ds:
+        ref = LoaderDataset(_procs.ids_loader, IDS, batch_size=4)
+        for i in range(len(ds)):
+            ds[i]
+        ds.on_epoch_end()
+        ref.on_epoch_end()
+        time.sleep(0.2)  # the pool is idle after loading ahead
+        victim = ds.worker_pids[0]
+        os.kill(victim, signal.SIGKILL)
+        assert _procs.wait_gone([victim]) == []
+        # Whatever batch it held is either served or reported; then all load.
+        for i in range(len(ds)):
+            try:
+                got = ds[i]
+            except WorkerDiedError:
+                got = ds[i]
+            np.testing.assert_array_equal(got["x"], ref[i]["x"])
+
+
+def test_timeout_raises_worker_timeout_error_and_recovers():
+    with PrefetchLoaderDataset(
+        faulty({9: "sleep"}),
+        IDS,
+        batch_size=4,
+        num_workers=2,
+        timeout=0.5,
+        start_method="fork",
+    ) as ds:
+        expect(ds, 0)
+        expect(ds, 1)
+        start = time.monotonic()
+        with pytest.raises(WorkerTimeoutError) as info:
+            ds[2]
+        assert time.monotonic() - start < 5
+        assert isinstance(info.value, TimeoutError)
+        assert "timeout=0.5" in str(info.value)
+        assert "batch 2" in str(info.value)
+        for i in range(3, len(ds)):
+            expect(ds, i)
+        assert len(ds.worker_pids) == 2
+
+
+def test_pool_that_lost_every_worker_raises_instead_of_hanging(tmp_path):
+    """A worker killed before it is ready must not leave ds[i] spinning.
+
+    The loader takes 2 s to unpickle in a fresh worker (say, it loads a
+    lookup table) while `timeout=1` bounds each batch. The pool kills the
+    starting worker, calls itself broken and does not replace it; the next
+    request must raise, not loop forever.
+    """
+    code = """
+import time
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+def _rebuild():
+    time.sleep(2)  # expensive worker set-up
+    return SlowToUnpickle()
+
+class SlowToUnpickle:
+    def __call__(self, ids):
+        return ids * 2
+    def __reduce__(self):
+        return (_rebuild, ())
+
+if __name__ == "__main__":
+    ds = PrefetchLoaderDataset(
+        SlowToUnpickle(), np.arange(20), batch_size=4, num_workers=1,
+        start_method="subprocess", timeout=1.0,
+    )
+    for i in range(3):
+        try:
+            print("BATCH", i, ds[i].tolist(), flush=True)
+        except Exception as e:
+            print("RAISED", i, type(e).__name__, e, flush=True)
+    ds.close()
+    print("DONE", flush=True)
+"""
+    try:
+        result = _procs.run_script(tmp_path, code, timeout=20)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"ds[i] hung once the pool had lost its workers: {e.stdout!r}")
+    assert result.returncode == 0, result.stderr
+    assert "DONE" in result.stdout
+    assert result.stdout.count("BATCH") + result.stdout.count("RAISED") == 3
+
+
+# -- shutdown --------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_ends_workers():
+    ds = PrefetchLoaderDataset(_procs.ids_loader, IDS, batch_size=4)
+    pids = ds.worker_pids
+    assert all(_procs.alive(p) for p in pids)
+    assert not ds.closed
+    ds.close()
+    assert ds.closed
+    ds.close()
+    assert ds.closed
+    assert _procs.wait_gone(pids) == []
+    with pytest.raises(DatasetClosedError, match="closed") as info:
+        ds[0]
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(DatasetClosedError):
+        ds.worker_pids  # noqa: B018
+    with pytest.raises(DatasetClosedError), ds:
+        pass
+
+
+def test_close_is_prompt_while_a_loader_sleeps(tmp_path):
+    pidfile = tmp_path / "sleeper"
+    ds = PrefetchLoaderDataset(
+        faulty({1: "sleep", 5: "sleep"}, pidfile), IDS, batch_size=4, num_workers=2
+    )
+    pids = ds.worker_pids
+    _procs.wait_for_file(pidfile)
+    time.sleep(0.2)  # both workers are inside the loader now
+    start = time.monotonic()
+    ds.close()
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.5
+    assert _procs.wait_gone(pids) == []
+
+
+def test_with_block_closes_also_on_exception():
+    with (
+        pytest.raises(KeyError, match="boom"),
+        PrefetchLoaderDataset(_procs.ids_loader, IDS, batch_size=4) as ds,
+    ):
+        pids = ds.worker_pids
+        ds[0]
+        raise KeyError("boom")
+    assert ds.closed
+    assert _procs.wait_gone(pids) == []
+    with pytest.raises(DatasetClosedError, match="closed"):
+        ds[1]
+
+
+def test_garbage_collection_ends_workers():
+    ds = PrefetchLoaderDataset(_procs.ids_loader, IDS, batch_size=4)
+    ds[0]
+    pids = ds.worker_pids
+    del ds
+    gc.collect()
+    assert _procs.wait_gone(pids) == []
+
+
+class OverridingDataset(PrefetchLoaderDataset):
+    """A subclass that loads with its own load() instead of a loader."""
+
+    def load(self, ids):
+        return np.asarray(ids) * 3
+
+
+def test_garbage_collection_ends_workers_of_a_load_subclass():
+    ds = OverridingDataset(sample_ids=IDS, batch_size=4)
+    np.testing.assert_array_equal(ds[1], IDS[4:8] * 3)
+    pids = ds.worker_pids
+    del ds
+    gc.collect()
+    left = _procs.wait_gone(pids)
+    if left:  # do not leak them into later tests
+        for obj in gc.get_objects():
+            if isinstance(obj, OverridingDataset):
+                obj.close()
+    assert left == [], "dropping the last reference did not end the workers"
+
+
+def test_interpreter_exit_without_close(tmp_path):
+    code = """
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+ds = PrefetchLoaderDataset(lambda ids: np.ones((len(ids), 8192)) * ids[:, None],
+                           np.arange(64), batch_size=8, num_workers=2)
+assert ds[0].shape == (8, 8192)
+print("PIDS", *ds.worker_pids, flush=True)
+"""
+    start = time.monotonic()
+    result = _procs.run_script(tmp_path, code, timeout=60)
+    assert time.monotonic() - start < 10
+    assert result.returncode == 0, result.stderr
+    assert "resource_tracker" not in result.stderr
+    assert "leaked" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    pids = _procs.parse_pids(result.stdout.strip().splitlines()[-1])
+    assert len(pids) == 2
+    assert _procs.wait_gone(pids) == []
+
+
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_sigkill_of_the_parent_ends_the_workers(tmp_path, start_method):
+    code = f"""
+import time
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+def loader(ids):
+    time.sleep(30)
+    return ids
+
+ds = PrefetchLoaderDataset(loader, np.arange(16), batch_size=4, num_workers=2,
+                           start_method={start_method!r})
+print("PIDS", *ds.worker_pids, flush=True)
+time.sleep(60)
+"""
+    proc = _procs.popen_script(tmp_path, code)
+    try:
+        pids = _procs.parse_pids(proc.stdout.readline())
+        assert len(pids) == 2
+        time.sleep(1.0)  # let the workers start and enter the loader
+        assert all(_procs.alive(p) for p in pids)
+        proc.kill()
+        proc.wait(10)
+        left = _procs.wait_gone(pids, 2.0)
+        assert left == [], {p: _procs.state(p) for p in left}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+        for p in pids if "pids" in locals() else []:
+            _procs.kill(p)
+
+
+def test_ctrl_c_gives_one_keyboard_interrupt(tmp_path):
+    code = """
+import time
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+def loader(ids):
+    time.sleep(0.2)
+    return ids * 2
+
+ds = PrefetchLoaderDataset(loader, np.arange(400), batch_size=4, num_workers=2)
+print("PIDS", *ds.worker_pids, flush=True)
+n = 0
+while True:
+    for i in range(len(ds)):
+        ds[i]
+        n += 1
+        if n == 3:
+            print("LOOPING", flush=True)
+    ds.on_epoch_end()
+"""
+    # A new session, so that SIGINT can go to the whole process group, as a
+    # terminal's Ctrl-C does.
+    proc = _procs.popen_script(tmp_path, code, start_new_session=True)
+    try:
+        pids = _procs.parse_pids(proc.stdout.readline())
+        assert proc.stdout.readline().strip() == "LOOPING"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert err.count("Traceback") == 1, err
+    assert err.rstrip().splitlines()[-1] == "KeyboardInterrupt", err
+    assert "keras_oom/worker.py" not in err
+    assert _procs.wait_gone(pids) == []
+
+
+# -- fork safety -------------------------------------------------------------------
+
+
+def test_after_jax_ran_the_default_does_not_fork_and_fit_works(tmp_path):
+    code = """
+import warnings
+warnings.simplefilter("default")
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+from keras_oom.pool import default_start_method
+
+jnp.ones((8, 8)).sum().block_until_ready()  # the JAX backend now runs
+print("METHOD", default_start_method(), flush=True)
+
+ds = PrefetchLoaderDataset(
+    lambda ids: np.stack([ids, ids * 2], axis=1).astype("float32"),
+    np.arange(32), labels=np.arange(32).astype("float32"), batch_size=8,
+    num_workers=2,
+)
+with ds:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    history = model.fit(ds, epochs=2, shuffle=False, verbose=0)
+    print("LOSSES", len(history.history["loss"]), flush=True)
+    print("PIDS", *ds.worker_pids, flush=True)
+"""
+    result = _procs.run_script(tmp_path, code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "os.fork() was called" not in result.stderr
+    assert "METHOD subprocess" in result.stdout
+    assert "LOSSES 2" in result.stdout
+    pids_line = [x for x in result.stdout.splitlines() if x.startswith("PIDS")][0]
+    assert _procs.wait_gone(_procs.parse_pids(pids_line)) == []
+
+
+def test_unguarded_script_is_not_rerun_by_workers(tmp_path):
+    code = """
+print("MAIN-MODULE-RAN", flush=True)
+import jax.numpy as jnp
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+jnp.arange(4).sum().block_until_ready()
+ds = PrefetchLoaderDataset(lambda ids: ids * 2, np.arange(16), batch_size=4,
+                           num_workers=2, start_method=None)
+print("BATCHES", [ds[i].tolist() for i in range(len(ds))], flush=True)
+ds.close()
+"""
+    result = _procs.run_script(tmp_path, code, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("MAIN-MODULE-RAN") == 1
+    assert "BATCHES [[0, 2, 4, 6], [8, 10, 12, 14]" in result.stdout
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess", "spawn", "forkserver"])
+def test_every_start_method_gives_correct_batches(start_method):
+    ids = np.arange(30)
+    ref = LoaderDataset(_procs.ids_loader, ids, batch_size=4, shuffle=True, seed=2)
+    with PrefetchLoaderDataset(
+        _procs.ids_loader,
+        ids,
+        batch_size=4,
+        shuffle=True,
+        seed=2,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        for _ in range(2):
+            for i in range(len(ds)):
+                got, want = ds[i], ref[i]
+                np.testing.assert_array_equal(got["x"], want["x"])
+                np.testing.assert_array_equal(got["n"], want["n"])
+            ds.on_epoch_end()
+            ref.on_epoch_end()
+        pids = ds.worker_pids
+        assert len(pids) == 2
+        assert os.getpid() not in pids
+    assert _procs.wait_gone(pids) == []
+
+
+def test_lambda_loader_with_subprocess_start_method():
+    offset = 5
+    with PrefetchLoaderDataset(
+        lambda ids: ids + offset, IDS, batch_size=4, start_method="subprocess"
+    ) as ds:
+        np.testing.assert_array_equal(ds[1], IDS[4:8] + 5)
+
+
+def test_unpicklable_loader_is_a_type_error_for_subprocess():
+    lock = threading.Lock()
+
+    def loader(ids):
+        with lock:
+            return ids
+
+    before = _procs.worker_descendants()
+    with pytest.raises(TypeError, match="cloudpickle"):
+        PrefetchLoaderDataset(loader, IDS, batch_size=4, start_method="subprocess")
+    assert _procs.worker_descendants() - before == set()
+
+
+def memfd_mappings() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "keras_oom_batch" in line]
+
+
+# -- resources -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_no_resource_growth_over_many_epochs():
+    shm_before = _procs.shm_files()
+    gc.collect()
+    fds0, threads0 = _procs.open_fds(), threading.active_count()
+    children0 = _procs.worker_descendants()
+    ids = np.arange(256)
+    ref_sum = {}
+    with PrefetchLoaderDataset(
+        _procs.big_loader, ids, batch_size=64, num_workers=2
+    ) as ds:
+        pids = ds.worker_pids
+        seen = []
+        for epoch in range(20):
+            for i in range(len(ds)):
+                batch = ds[i]
+                assert batch.shape == (64, 4096)
+                assert batch.dtype == np.float32
+                ref_sum.setdefault(i, float(batch[:, 0].sum()))
+                assert float(batch[:, 0].sum()) == ref_sum[i]
+                del batch
+            ds.on_epoch_end()
+            gc.collect()
+            if epoch == 1:
+                assert _procs.shm_files() - shm_before == set()
+            seen.append(
+                (_procs.open_fds(), threading.active_count(), len(ds.worker_pids))
+            )
+        # Mapped shared-memory buffers hold a descriptor each, and the
+        # first epochs may add a buffer or two; after that, nothing grows.
+        first, second = seen[:10], seen[10:]
+        assert max(s[0] for s in second) <= max(s[0] for s in first), seen
+        assert max(s[0] for s in seen) <= fds0 + 12, seen
+        assert {s[1] for s in seen} == {threads0}, seen
+        assert {s[2] for s in seen} == {2}, seen
+        assert ds.worker_pids == pids
+        assert _procs.worker_descendants() - children0 == set(pids)
+        # Shared-memory mappings stay bounded (buffers are recycled).
+        assert len(memfd_mappings()) <= 16, memfd_mappings()
+        assert _procs.shm_files() - shm_before == set()
+    gc.collect()
+    assert _procs.wait_gone(pids) == []
+    assert _procs.open_fds() <= fds0
+    assert threading.active_count() <= threads0
+    assert memfd_mappings() == []
+    assert _procs.shm_files() - shm_before == set()

@@ -1,0 +1,239 @@
+"""How batches travel from a worker to the caller (keras_oom.transport).
+
+A batch that comes back subtly different (dtype, shape, memory order, a
+read-only array, or data overwritten by a later batch that reused a shared
+buffer) would corrupt training without an error. These tests round-trip
+batches of every awkward kind, both through the writer/reader pair over a
+real Unix socket in this process (where the chosen path, inline or memfd,
+can be inspected) and end to end through real worker processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+from multiprocessing.connection import Connection
+
+import _procs
+import numpy as np
+import pytest
+
+from keras_oom import PrefetchLoaderDataset
+from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWriter
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers():
+    before = _procs.worker_descendants()
+    yield
+    _procs.assert_no_new_workers(before)
+
+
+def assert_same(got, want):
+    """Equal values, types, dtypes, shapes and memory order; arrays writable."""
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray), type(got)
+        assert got.dtype == want.dtype
+        assert got.shape == want.shape
+        if want.dtype.hasobject:
+            assert got.tolist() == want.tolist()
+        else:
+            np.testing.assert_array_equal(got, want)
+        if want.ndim > 1 and want.flags.f_contiguous and not want.flags.c_contiguous:
+            assert got.flags.f_contiguous
+        assert got.flags.writeable
+    elif isinstance(want, (tuple, list)):
+        assert type(got) is type(want) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert_same(g, w)
+    elif isinstance(want, dict):
+        assert type(got) is dict and got.keys() == want.keys()
+        for k in want:
+            assert_same(got[k], want[k])
+    else:
+        assert type(got) is type(want)
+        assert got == want
+
+
+def array_nbytes(value) -> int:
+    if isinstance(value, np.ndarray):
+        # NumPy hands out only contiguous, non-object arrays out of band;
+        # others are copied into the pickle stream.
+        contiguous = value.flags.c_contiguous or value.flags.f_contiguous
+        return value.nbytes if contiguous and not value.dtype.hasobject else 0
+    if isinstance(value, (tuple, list)):
+        return sum(array_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(array_nbytes(v) for v in value.values())
+    return 0
+
+
+def memfd_mappings() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "keras_oom_batch" in line]
+
+
+def in_memfd(arr: np.ndarray) -> bool:
+    """Whether `arr`'s data lies in a keras_oom shared-memory mapping."""
+    address = arr.__array_interface__["data"][0]
+    for line in memfd_mappings():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+class Channel:
+    """A writer and a reader joined by a Unix socket, in this process."""
+
+    def __init__(self):
+        a, b = socket.socketpair()
+        self.worker_end = Connection(a.detach())
+        self.parent_end = Connection(b.detach())
+        self.writer = BatchWriter()
+        self.reader = BatchReader()
+        self.payloads = []
+
+    def roundtrip(self, value):
+        """Sends `value` as the worker would; returns (kind, received)."""
+        self.writer.release(self.reader.take_released())
+        errors = []
+
+        def send():
+            try:
+                self.writer.send(self.worker_end, ("key", 0.5), value)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        sender = threading.Thread(target=send)  # big inline pickles block
+        sender.start()
+        key, seconds, kind, payload = self.parent_end.recv()
+        received = self.reader.receive(self.parent_end, kind, payload)
+        sender.join(10)
+        assert not errors, errors
+        assert (key, seconds) == ("key", 0.5)
+        self.payloads.append((kind, payload))
+        return kind, received
+
+    def close(self):
+        self.worker_end.close()
+        self.parent_end.close()
+
+
+@pytest.fixture
+def channel():
+    ch = Channel()
+    yield ch
+    ch.close()
+
+
+@pytest.mark.parametrize("k", range(_procs.N_CASES))
+def test_roundtrip_in_process(channel, k):
+    value = _procs.make_case(k)
+    kind, got = channel.roundtrip(value)
+    assert_same(got, value)
+    big = array_nbytes(value) >= SHARED_MEMORY_THRESHOLD
+    if os.name == "posix" and hasattr(os, "memfd_create"):
+        assert kind == ("memfd" if big else "inline")
+
+
+def test_large_arrays_are_views_of_shared_memory(channel):
+    value = {"x": np.arange(2 * _procs.MIB // 8, dtype=np.float64), "y": np.ones(3)}
+    kind, got = channel.roundtrip(value)
+    assert kind == "memfd"
+    assert in_memfd(got["x"])
+    np.testing.assert_array_equal(got["x"], value["x"])
+    got["x"][:10] = -1  # writable, and only the caller's copy changes
+    assert value["x"][0] == 0
+
+
+def test_held_batch_survives_later_batches(channel):
+    first_value = np.full((256, 1024), 1.0, np.float32)
+    _, first = channel.roundtrip(first_value)
+    view = first[10:20]
+    for i in range(2, 11):
+        _, later = channel.roundtrip(np.full((256, 1024), float(i), np.float32))
+        assert later[0, 0] == i
+        del later
+        gc.collect()
+    np.testing.assert_array_equal(first, first_value)
+    np.testing.assert_array_equal(view, first_value[10:20])
+
+
+def test_views_keep_their_buffer_lent(channel):
+    _, batch = channel.roundtrip(np.full((256, 1024), 7.0, np.float32))
+    row = batch[3]  # a view outlives the batch
+    del batch
+    gc.collect()
+    for i in range(5):
+        _, later = channel.roundtrip(np.full((256, 1024), float(i), np.float32))
+        del later
+        gc.collect()
+    assert (row == 7.0).all()
+
+
+def test_released_buffers_are_reused(channel):
+    for i in range(6):
+        kind, batch = channel.roundtrip(np.full((256, 1024), float(i), np.float32))
+        assert kind == "memfd"
+        assert batch[0, 0] == i
+        del batch
+        gc.collect()
+    new_buffers = [p for kind, p in channel.payloads if p[1] is not None]
+    # After the first batch or two, freed buffers are recycled: no new file.
+    assert len(new_buffers) <= 2, channel.payloads
+
+
+def test_no_mapping_outlives_the_reader_and_its_arrays():
+    assert memfd_mappings() == []
+    ch = Channel()
+    batches = [ch.roundtrip(np.ones((256, 1024), np.float32))[1] for _ in range(3)]
+    assert len(memfd_mappings()) >= 3  # the worker's maps and the parent's
+    ch.close()
+    del ch, batches
+    gc.collect()
+    assert memfd_mappings() == []
+
+
+@pytest.mark.timeout(90)
+def test_roundtrip_through_real_workers():
+    ids = np.arange(_procs.N_CASES)
+    with PrefetchLoaderDataset(
+        _procs.case_loader, ids, batch_size=1, num_workers=2
+    ) as ds:
+        held = []
+        for epoch in range(2):
+            for i in range(len(ds)):
+                got, want = ds[i], _procs.make_case(i)
+                assert_same(got, want)
+                if epoch == 0:
+                    held.append(got)
+            ds.on_epoch_end()
+        # Batches held from the first epoch were not overwritten by the second.
+        for i, got in enumerate(held):
+            assert_same(got, _procs.make_case(i))
+        big = ds[11]  # a 1 MiB float32 array: through shared memory
+        assert in_memfd(big)
+        del big, held, got
+    gc.collect()
+    assert memfd_mappings() == []
+
+
+@pytest.mark.skipif(
+    os.environ.get("KERAS_OOM_SLOW") != "1",
+    reason="1 GiB round trip; set KERAS_OOM_SLOW=1 to run it",
+)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_gib_array(channel):
+    value = np.ones((1 << 28,), np.float32)  # 1 GiB
+    value[::4096] = np.arange(len(value[::4096]), dtype=np.float32)
+    kind, got = channel.roundtrip(value)
+    assert kind == "memfd"
+    assert got.shape == value.shape and got.dtype == value.dtype
+    np.testing.assert_array_equal(got[::4096], value[::4096])
+    assert got[-1] == value[-1]
