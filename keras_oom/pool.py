@@ -68,7 +68,12 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from keras_oom import worker as worker_module
-from keras_oom.errors import RemoteTraceback, WorkerDiedError, WorkerTimeoutError
+from keras_oom.errors import (
+    DatasetClosedError,
+    RemoteTraceback,
+    WorkerDiedError,
+    WorkerTimeoutError,
+)
 from keras_oom.transport import BatchReader
 
 START_METHODS = ("fork", "forkserver", "spawn", "subprocess")
@@ -190,6 +195,9 @@ class WorkerPool:
         self._closed = False
         self._broken: BaseException | None = None
         self._workers: list[_Worker] = []
+        # Guards the worker list against close() from another thread (or a
+        # finalizer) while the owner replaces a worker.
+        self._state_lock = threading.Lock()
         self.started_at = time.perf_counter()
         self._owner_pid = os.getpid()
         _LIVE_POOLS.add(self)
@@ -302,6 +310,7 @@ class WorkerPool:
         Raises:
             RuntimeError: If no worker is idle, or workers failed to start.
         """
+        self._check_open()
         if self._broken is not None:
             raise self._broken
         for w in self._workers:
@@ -320,6 +329,7 @@ class WorkerPool:
         Returns:
             The completions that arrived, possibly none after `timeout`.
         """
+        self._check_open()
         if not any(w.busy for w in self._workers):
             return []
         if self._timeout is not None:
@@ -331,6 +341,7 @@ class WorkerPool:
             by_handle[w.conn] = w
             by_handle[w.process.sentinel] = w
         ready = wait(list(by_handle), timeout)
+        self._check_open()  # close() from another thread wakes us up
         done: list[Completion] = []
         dead: list[_Worker] = []
         for handle in ready:
@@ -405,7 +416,9 @@ class WorkerPool:
                     batch_index=None,
                 )
             done.append(Completion(w.key, error=error, pid=w.pid))
-        self._workers.remove(w)
+        with self._state_lock:
+            if w in self._workers:
+                self._workers.remove(w)
         _release(w)
         if not w.ready and self._broken is None:
             # Died before serving: a replacement would most likely die too.
@@ -414,7 +427,16 @@ class WorkerPool:
                 f"before it was ready; see its output above."
             )
         if self._broken is None and not self._closed:
-            self._workers.append(self._start_worker())
+            new = self._start_worker()
+            with self._state_lock:
+                if not self._closed:
+                    self._workers.append(new)
+                    return
+            _stop([new])  # closed while it started
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatasetClosedError("The dataset's worker pool was closed.")
 
     # -- observability and shutdown -----------------------------------------
 
@@ -438,29 +460,35 @@ class WorkerPool:
 
         Returns within about a second, even while loaders are busy.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers, self._workers = self._workers, []
         _LIVE_POOLS.discard(self)
-        workers, self._workers = self._workers, []
         if os.getpid() != self._owner_pid:
             # A copy in a forked child (the user's os.fork()): the workers
             # belong to the parent; only let go of the inherited sockets.
             for w in workers:
                 w.conn.close()
             return
-        for w in workers:
-            w.conn.close()  # idle workers exit on end-of-file
-        _join_all(workers, _EXIT_GRACE)
-        for w in workers:
-            if w.process.exitcode is None:
-                w.process.terminate()
-        _join_all(workers, _TERM_GRACE)
-        for w in workers:
-            if w.process.exitcode is None:
-                w.process.kill()
-            w.process.join(1.0)
-            _release(w)
+        _stop(workers)
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """Ends `workers`: end-of-file, then SIGTERM, then SIGKILL."""
+    for w in workers:
+        w.conn.close()  # idle workers exit on end-of-file
+    _join_all(workers, _EXIT_GRACE)
+    for w in workers:
+        if w.process.exitcode is None:
+            w.process.terminate()
+    _join_all(workers, _TERM_GRACE)
+    for w in workers:
+        if w.process.exitcode is None:
+            w.process.kill()
+        w.process.join(1.0)
+        _release(w)
 
 
 def _join_all(workers: list[_Worker], seconds: float) -> None:

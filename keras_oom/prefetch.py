@@ -237,12 +237,15 @@ class PrefetchLoaderDataset(LoaderDataset):
         Returns within about a second even while loaders are busy. Using the
         dataset afterwards raises `DatasetClosedError`.
         """
+        # Workers first, without the lock: a thread waiting in ds[i] for a
+        # stuck loader holds it, and wakes up (DatasetClosedError) when the
+        # pool closes.
+        self._finalizer()
         with self._lock:
             self._pool = None
             self._pending.clear()
             self._ready.clear()
             self._recent.clear()
-        self._finalizer()
 
     @property
     def closed(self) -> bool:
