@@ -82,6 +82,9 @@ START_METHODS = ("fork", "forkserver", "spawn", "subprocess")
 # SIGTERM gets before SIGKILL.
 _EXIT_GRACE = 0.1
 _TERM_GRACE = 0.5
+# A worker's start-up (a fresh interpreter importing what the loader needs)
+# does not count against `timeout`; this bounds it instead.
+_START_GRACE = 60.0
 
 # Every open pool of this process: a forked worker closes their sockets, which
 # it inherits but must not hold (a held socket hides end-of-file from the
@@ -311,8 +314,7 @@ class WorkerPool:
             RuntimeError: If no worker is idle, or workers failed to start.
         """
         self._check_open()
-        if self._broken is not None:
-            raise self._broken
+        self.raise_if_broken()
         for w in self._workers:
             if not w.busy:
                 break
@@ -333,8 +335,8 @@ class WorkerPool:
         if not any(w.busy for w in self._workers):
             return []
         if self._timeout is not None:
-            nearest = min(w.started for w in self._workers if w.busy)
-            left = max(0.0, nearest + self._timeout - time.perf_counter())
+            nearest = min(self._deadline(w) for w in self._workers if w.busy)
+            left = max(0.0, nearest - time.perf_counter())
             timeout = left if timeout is None else min(timeout, left)
         by_handle: dict[Any, _Worker] = {}
         for w in self._workers:
@@ -355,7 +357,7 @@ class WorkerPool:
         if self._timeout is not None:
             now = time.perf_counter()
             for w in list(self._workers):
-                if w.busy and now - w.started >= self._timeout:
+                if w.busy and now >= self._deadline(w):
                     self._replace(w, done, timed_out=True)
         return done
 
@@ -372,6 +374,7 @@ class WorkerPool:
     def _handle(self, w: _Worker, msg: tuple, done: list[Completion]) -> None:
         if msg[0] == "ready":
             w.ready = True
+            w.started = time.perf_counter()  # `timeout` counts loading only
             return
         if msg[0] == "start_error":
             error = _rebuild_error(msg[2])
@@ -402,37 +405,58 @@ class WorkerPool:
             w.process.kill()
         w.process.join(1.0)
         exitcode = w.process.exitcode
-        if w.busy:
-            if timed_out:
-                error: BaseException = WorkerTimeoutError(
-                    f"Worker pid {w.pid} took longer than timeout="
-                    f"{self._timeout}s; it was killed and replaced."
-                )
-            else:
-                error = WorkerDiedError(
-                    f"Worker pid {w.pid} {_describe_exit(exitcode)}.",
-                    pid=w.pid,
-                    exitcode=exitcode,
-                    batch_index=None,
-                )
-            done.append(Completion(w.key, error=error, pid=w.pid))
         with self._state_lock:
             if w in self._workers:
                 self._workers.remove(w)
         _release(w)
         if not w.ready and self._broken is None:
-            # Died before serving: a replacement would most likely die too.
-            self._broken = RuntimeError(
-                f"A keras_oom worker (pid {w.pid}) {_describe_exit(exitcode)} "
-                f"before it was ready; see its output above."
+            # It never served: a replacement would most likely fail the same way.
+            how = (
+                f"did not start within {_START_GRACE + (self._timeout or 0):.0f}s"
+                if timed_out
+                else _describe_exit(exitcode)
             )
-        if self._broken is None and not self._closed:
-            new = self._start_worker()
-            with self._state_lock:
-                if not self._closed:
-                    self._workers.append(new)
-                    return
-            _stop([new])  # closed while it started
+            self._broken = RuntimeError(
+                f"A keras_oom worker (pid {w.pid}) {how} before it was ready "
+                f"to load; see its output above."
+            )
+        replaced = self._broken is None and self._start_replacement()
+        if not w.busy:
+            return
+        fate = "it was killed and replaced" if replaced else "it was killed"
+        if timed_out:
+            error: BaseException = WorkerTimeoutError(
+                f"Worker pid {w.pid} took longer than timeout={self._timeout}s; {fate}."
+            )
+        else:
+            error = WorkerDiedError(
+                f"Worker pid {w.pid} {_describe_exit(exitcode)}.",
+                pid=w.pid,
+                exitcode=exitcode,
+                batch_index=None,
+            )
+        done.append(Completion(w.key, error=error, pid=w.pid))
+
+    def _start_replacement(self) -> bool:
+        if self._closed:
+            return False
+        new = self._start_worker()
+        with self._state_lock:
+            if not self._closed:
+                self._workers.append(new)
+                return True
+        _stop([new])  # closed while it started
+        return False
+
+    def _deadline(self, w: _Worker) -> float:
+        """When `w`'s batch times out; start-up gets `_START_GRACE` on top."""
+        assert self._timeout is not None
+        return w.started + self._timeout + (0.0 if w.ready else _START_GRACE)
+
+    def raise_if_broken(self) -> None:
+        """Raises the start-up failure that stopped the pool replacing workers."""
+        if self._broken is not None:
+            raise self._broken
 
     def _check_open(self) -> None:
         if self._closed:

@@ -183,7 +183,9 @@ class PrefetchLoaderDataset(LoaderDataset):
             assert self._loader is not None
             return self._loader
         # A subclass's load(): ship a copy of the dataset without its pool.
-        return self.load
+        # Not self.load, which would keep self alive through the pool and so
+        # defeat the finalizer that closes it.
+        return copy.copy(self).load
 
     # -- what Keras calls -----------------------------------------------------
 
@@ -348,6 +350,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             return self._ready.pop(key)
         if key not in self._pending:
             while pool.idle_count() == 0:
+                pool.raise_if_broken()  # no worker will come back
                 self._collect(pool.wait())
                 if key in self._ready:  # a re-request of a late prefetch
                     return self._ready.pop(key)
@@ -383,7 +386,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         for key in window:
             if pool.idle_count() == 0:
                 break
-            if key not in self._ready and key not in self._pending:
+            if not (key in self._ready or key in self._pending or key in self._recent):
                 self._submit(pool, key)
 
     def _window(self, anchor: Key | None) -> list[Key]:
