@@ -116,9 +116,7 @@ def test_batch_that_does_not_pickle_becomes_an_error():
     def loader(ids):
         return threading.Lock() if 5 in ids else ids * 2
 
-    with PrefetchLoaderDataset(
-        loader, IDS, batch_size=4, num_workers=2, start_method="fork"
-    ) as ds:
+    with PrefetchLoaderDataset(loader, IDS, batch_size=4, num_workers=2) as ds:
         expect(ds, 0)
         with pytest.raises(TypeError, match="lock"):
             ds[1]
@@ -210,7 +208,6 @@ def test_timeout_raises_worker_timeout_error_and_recovers():
         batch_size=4,
         num_workers=2,
         timeout=0.5,
-        start_method="fork",
     ) as ds:
         expect(ds, 0)
         expect(ds, 1)
@@ -507,6 +504,8 @@ ds.close()
 
 
 @pytest.mark.timeout(90)
+# An explicit fork after other tests ran JAX here: JAX warns, as it should.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 @pytest.mark.parametrize("start_method", ["fork", "subprocess", "spawn", "forkserver"])
 def test_every_start_method_gives_correct_batches(start_method):
     ids = np.arange(30)
