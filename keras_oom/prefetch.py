@@ -207,7 +207,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         with self._lock:
             pool = self._check_open()
             epoch, batch = self._locate(index)
-            key = (epoch, batch)
+            key = self._key(epoch, batch)
             self._note_order(key)
             start = time.perf_counter()
             completion = self._take(pool, key)
@@ -400,8 +400,14 @@ class PrefetchLoaderDataset(LoaderDataset):
             batch += 1
             if batch == per_epoch:
                 epoch, batch = epoch + 1, 0
-            keys.append((epoch, batch))
+            keys.append(self._key(epoch, batch))
         return keys
+
+    def _key(self, epoch: int, batch: int) -> Key:
+        """Names a batch by what it holds: unshuffled epochs are all alike, so
+        a batch loaded ahead for one epoch serves the next (Keras ends an
+        epoch before every `evaluate`)."""
+        return (epoch if self._plan.shuffle else 0, batch)
 
     def _note_order(self, key: Key) -> None:
         last = self._last_key

@@ -261,6 +261,30 @@ def test_prefetches_across_the_epoch_boundary(tmp_path):
         assert [sorted(line) for line in lines].count(next_epoch_first) == 1
 
 
+def test_unshuffled_batches_loaded_ahead_serve_the_next_epoch(tmp_path):
+    """Keras ends an epoch after every evaluate() and again before the next
+    one reads; for an unshuffled dataset every epoch holds the same batches,
+    so what was loaded ahead is used, not thrown away and loaded again."""
+    log = tmp_path / "log"
+    loader = functools.partial(_procs.logging_loader, path=str(log))
+    with PrefetchLoaderDataset(loader, np.arange(12), batch_size=4) as ds:
+        for i in range(len(ds)):
+            ds[i]
+        deadline = time.monotonic() + 10
+        while len(_procs.read_log(log)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)  # batches 0 and 1 again, loaded ahead
+        ds.on_epoch_end()  # the end of one evaluate()
+        ds.on_epoch_end()  # the start of the next
+        for i in range(len(ds)):
+            np.testing.assert_array_equal(ds[i], np.arange(4 * i, 4 * i + 4) * 2)
+        stats = ds.stats()
+    assert stats["discarded"] == 0
+    loads = [line[0] // 4 for line in _procs.read_log(log)]
+    # Each epoch's batches 0..2 once, plus the window ahead of the last read.
+    assert sorted(loads[:5]) == [0, 0, 1, 1, 2], loads
+    assert loads.count(2) == 2, loads
+
+
 def test_stats_count_batches_loaded_ahead_as_hits():
     """A step slower than the loader finds every batch ready: all are hits."""
     with PrefetchLoaderDataset(
