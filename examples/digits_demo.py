@@ -116,8 +116,14 @@ def main() -> int:
             # a pure function of seed and epoch), so Keras must not shuffle.
             model.fit(train, epochs=EPOCHS, shuffle=False, verbose=1)
             elapsed = time.perf_counter() - start
+            stats = train.stats()
             _, accuracy = model.evaluate(test, verbose=2)
 
+    # Was training waiting for its data? (see docs/pool.md, "stats")
+    print(
+        f"Input pipeline: {stats['batches']} batches, {stats['hits']} ready when "
+        f"asked, {stats['wait_seconds']:.2f} s spent waiting for data"
+    )
     print(f"Training took {elapsed:.1f} s")
     print(f"Held-out accuracy: {accuracy:.4f} on {len(test_paths)} images")
     if accuracy < MIN_ACCURACY:
