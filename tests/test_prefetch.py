@@ -27,13 +27,6 @@ from keras_oom import LoaderDataset, PrefetchLoaderDataset
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_workers():
-    before = _procs.worker_descendants()
-    yield
-    _procs.assert_no_new_workers(before)
-
-
 def assert_batches_equal(got, want):
     if isinstance(want, tuple):
         assert isinstance(got, tuple) and len(got) == len(want)

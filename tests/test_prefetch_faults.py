@@ -36,13 +36,6 @@ from keras_oom.errors import RemoteTraceback
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_workers():
-    before = _procs.worker_descendants()
-    yield
-    _procs.assert_no_new_workers(before)
-
-
 def faulty(actions, pidfile=None):
     return functools.partial(
         _procs.faulty_loader,

@@ -26,13 +26,6 @@ from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWrite
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_workers():
-    before = _procs.worker_descendants()
-    yield
-    _procs.assert_no_new_workers(before)
-
-
 def assert_same(got, want):
     """Equal values, types, dtypes, shapes and memory order; arrays writable."""
     if isinstance(want, np.ndarray):
