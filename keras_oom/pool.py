@@ -299,10 +299,6 @@ class WorkerPool:
 
     # -- requests -----------------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        return len(self._workers)
-
     def idle_count(self) -> int:
         """Number of workers with no batch in flight."""
         return sum(not w.busy for w in self._workers)
@@ -474,10 +470,6 @@ class WorkerPool:
     @property
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers]
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def close(self) -> None:
         """Ends every worker and releases every socket; idempotent.

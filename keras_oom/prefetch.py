@@ -24,7 +24,7 @@ from keras_oom.errors import (
 )
 from keras_oom.pool import START_METHODS, Completion, WorkerPool
 
-Key = tuple[int, int]  # (epoch, batch within the epoch)
+Key = tuple[int, int]  # (epoch, 0 for all unshuffled epochs; batch in the epoch)
 
 # Out-of-order requests within one epoch before we warn: one jump (a peek at
 # ds[5]) is fine; a shuffled batch order is not.
@@ -154,8 +154,6 @@ class PrefetchLoaderDataset(LoaderDataset):
             )
             num_workers = reduced
         self._num_workers = num_workers
-        self._timeout = timeout
-        self._start_method = start_method
         self._lock = threading.RLock()
         self._pending: set[Key] = set()  # submitted, not yet back
         self._ready: dict[Key, Completion] = {}  # back, not yet requested
