@@ -350,8 +350,6 @@ class PrefetchLoaderDataset(LoaderDataset):
             while pool.idle_count() == 0:
                 pool.raise_if_broken()  # no worker will come back
                 self._collect(pool.wait())
-                if key in self._ready:  # a re-request of a late prefetch
-                    return self._ready.pop(key)
             self._submit(pool, key)
             self._fill(key)  # idle workers start on what comes next
         while key not in self._ready:
