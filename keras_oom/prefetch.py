@@ -430,17 +430,20 @@ class PrefetchLoaderDataset(LoaderDataset):
         error = completion.error
         assert error is not None
         ids = describe_ids(self._sample_ids[self._plan.positions(*completion.key)])
-        where = f"batch {index}, ids {ids}, in worker pid {completion.pid}"
+        what = f"batch {index}, ids {ids}"
+        # The pool's messages already name the worker's pid.
         if isinstance(error, WorkerDiedError):
             raise WorkerDiedError(
-                f"{error} It was loading {where}.",
+                f"{error} It was loading {what}.",
                 pid=error.pid,
                 exitcode=error.exitcode,
                 batch_index=index,
             ) from None
         if isinstance(error, WorkerTimeoutError):
-            raise WorkerTimeoutError(f"{error} It was loading {where}.") from None
-        add_note(error, f"keras_oom: while loading {where}")
+            raise WorkerTimeoutError(f"{error} It was loading {what}.") from None
+        add_note(
+            error, f"keras_oom: while loading {what}, in worker pid {completion.pid}"
+        )
         raise error
 
     # -- pickling: a copy for the workers, without the pool -------------------
