@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import operator
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from keras_oom.errors import add_note, describe_ids
-from keras_oom.indexing import BatchPlan, shard_size
-from keras_oom.sharding import resolve_shard
+from keras_oom import seeding
+from keras_oom.protocol import add_note, describe_ids
+from keras_oom.source import BatchSource, Targets, as_index, call_loader
 
-Labels = Any  # an array-like, or a dict / tuple of array-likes
+Labels = Targets  # an array-like, or a dict / tuple of array-likes
 
 
 class LoaderDataset(keras.utils.PyDataset):
@@ -35,14 +33,22 @@ class LoaderDataset(keras.utils.PyDataset):
         loader: A callable `loader(ids) -> x` that receives a 1-D
             `numpy.ndarray` with the ids of one batch and returns the batch's
             inputs (an array, or a tuple / dict of arrays for multi-input
-            models). May be omitted when a subclass overrides `load`.
+            models). A loader that declares a parameter named `rng` is
+            called as `loader(ids, rng=rng)`, with a `numpy.random.Generator`
+            that is a pure function of `(seed, epoch, batch)`: use it for
+            random augmentation (docs/randomness.md). May be omitted when a
+            subclass overrides `load`.
         sample_ids: A 1-D array-like of sample ids (ints, strings, paths...),
             passed to the loader in batches.
         labels: Optional labels aligned with `sample_ids`: an array-like of
             the same length, or a dict / tuple of such for multi-output
             models. With labels, `ds[i]` returns `(x, y)`; without, it
             returns what the loader returns.
-        batch_size: Number of samples per batch, at most `len(sample_ids)`.
+        sample_weights: Optional per-sample weights aligned with
+            `sample_ids`, like `labels` (which they require): `ds[i]` then
+            returns `(x, y, sample_weight)`, which `fit` weighs the loss by.
+        batch_size: Number of samples per batch. Larger than the data, it
+            makes one short batch (an error with `drop_remainder=True`).
         shuffle: Whether to shuffle the samples anew in each epoch.
         seed: Seed of the shuffle. `None` draws one at construction, kept in
             `ds.seed`.
@@ -73,10 +79,11 @@ class LoaderDataset(keras.utils.PyDataset):
     Raises:
         TypeError: If `loader` is not callable (or is missing without a
             `load` override), or `batch_size` is not an integer.
-        ValueError: If `sample_ids` is empty or not 1-D, `labels` differ in
-            length from `sample_ids`, `batch_size` is not in
-            `[1, len(sample_ids)]` (per shard when sharded), `shard` is out of
-            range, or a shuffled sharded dataset has no `seed`.
+        ValueError: If `sample_ids` is empty or not 1-D, `labels` or
+            `sample_weights` differ in length from `sample_ids`,
+            `sample_weights` come without `labels`, `batch_size` is below 1
+            (or leaves no batch with `drop_remainder=True`), `shard` is out
+            of range, or a shuffled sharded dataset has no `seed`.
 
     Example:
 
@@ -96,10 +103,11 @@ class LoaderDataset(keras.utils.PyDataset):
 
     def __init__(
         self,
-        loader: Callable[[np.ndarray], Any] | None = None,
+        loader: Callable[..., Any] | None = None,
         sample_ids: Any = None,
         labels: Labels = None,
         *,
+        sample_weights: Labels = None,
         batch_size: int = 32,
         shuffle: bool = False,
         seed: int | None = None,
@@ -122,36 +130,19 @@ class LoaderDataset(keras.utils.PyDataset):
                 f"Received: loader={loader!r} of type {type(loader).__name__}"
             )
         self._loader = loader
-        self._sample_ids = _as_sample_ids(sample_ids)
-        n = len(self._sample_ids)
-        self._labels = _as_labels(labels, n)
-        shard_index, shard_count = resolve_shard(shard, shard_mode)
-        if shard_count > 1 and shuffle and seed is None:
-            raise ValueError(
-                f"`seed` must be given when shuffling a sharded dataset: every "
-                f"process must draw the same order for the shards to be "
-                f"disjoint. Received: seed=None, shard=({shard_index}, "
-                f"{shard_count})"
-            )
-        per_shard = shard_size(n, shard_count, shard_mode)
-        if per_shard == 0:
-            raise ValueError(
-                f"`shard_mode='drop'` leaves no samples: {n} sample ids split "
-                f"{shard_count} ways. Received: shard=({shard_index}, "
-                f"{shard_count})"
-            )
-        _check_batch_size(batch_size, per_shard)
-        self._seed = _as_seed(seed)
-        self._repeat = bool(repeat)
-        self._plan = BatchPlan(
-            n,
-            int(batch_size),
-            shuffle=bool(shuffle),
-            seed=self._seed,
-            drop_remainder=bool(drop_remainder),
-            shard=(shard_index, shard_count),
+        self._source = BatchSource(
+            sample_ids,
+            labels,
+            sample_weights,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            shard=shard,
             shard_mode=shard_mode,
         )
+        self._plan = self._source.plan
+        self._repeat = bool(repeat)
         self._epoch = 0
 
     # -- what Keras reads ---------------------------------------------------
@@ -177,15 +168,23 @@ class LoaderDataset(keras.utils.PyDataset):
                 epoch (not with `repeat=True`).
 
         Returns:
-            `(x, y)` with labels, else `x`, the loader's return value.
+            `x`, the loader's return value; `(x, y)` with labels;
+            `(x, y, sample_weight)` with sample weights.
 
         Raises:
             IndexError: If `index` is out of range.
         """
         epoch, batch = self._locate(index)
-        ids = self._sample_ids[self._plan.positions(epoch, batch)]
-        x = self._load_noted(self._global_index(epoch, batch), ids)
-        return self._with_labels(x, epoch, batch)
+        ids = self._source.ids(epoch, batch)
+        fn = self._batch_loader()
+        seed = self._source.seed_of(epoch, batch)
+        try:
+            x = call_loader(fn, seeding.accepts_rng(fn), ids, seed)
+        except Exception as e:
+            where = f"batch {self._global_index(epoch, batch)}"
+            add_note(e, f"keras_oom: while loading {where}, ids {describe_ids(ids)}")
+            raise
+        return self._source.with_targets(x, epoch, batch)
 
     def on_epoch_end(self) -> None:
         """Advances to the next epoch's order (a no-op with `repeat=True`).
@@ -202,7 +201,9 @@ class LoaderDataset(keras.utils.PyDataset):
         """Loads the samples `ids` and returns the batch's inputs `x`.
 
         Calls the `loader` given at construction. Subclasses may override
-        this instead of passing a loader.
+        this instead of passing a loader; an override that declares a
+        parameter `rng` (`def load(self, ids, rng)`) is called with the
+        batch's random generator, as a loader that declares it is.
 
         Args:
             ids: 1-D array of the batch's sample ids.
@@ -224,8 +225,7 @@ class LoaderDataset(keras.utils.PyDataset):
         Returns:
             A 1-D array of sample ids.
         """
-        epoch, batch = self._locate(index)
-        return self._sample_ids[self._plan.positions(epoch, batch)]
+        return self._source.ids(*self._locate(index))
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch whose sample order the batches follow.
@@ -233,7 +233,7 @@ class LoaderDataset(keras.utils.PyDataset):
         Args:
             epoch: Non-negative epoch number, e.g. to resume a run.
         """
-        epoch = _as_index(epoch, "epoch")
+        epoch = as_index(epoch, "epoch")
         if epoch < 0:
             raise ValueError(f"`epoch` must be >= 0. Received: epoch={epoch}")
         self._epoch = epoch
@@ -246,7 +246,7 @@ class LoaderDataset(keras.utils.PyDataset):
     @property
     def seed(self) -> int:
         """The shuffle seed (drawn at construction when `seed=None`)."""
-        return self._seed
+        return self._source.seed
 
     @property
     def batch_size(self) -> int:
@@ -261,7 +261,7 @@ class LoaderDataset(keras.utils.PyDataset):
     @property
     def sample_ids(self) -> np.ndarray:
         """The sample ids, as a 1-D array (in their original order)."""
-        return self._sample_ids
+        return self._source.sample_ids
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -280,11 +280,11 @@ class LoaderDataset(keras.utils.PyDataset):
     def repeat(self) -> bool:
         return self._repeat
 
-    # -- internals shared with the prefetching subclass ---------------------
+    # -- index mapping --------------------------------------------------------
 
     def _locate(self, index: Any) -> tuple[int, int]:
         """Turns a user index into `(epoch, batch)`, checking its range."""
-        i = _as_index(index, "index")
+        i = as_index(index, "index")
         per_epoch = self._plan.batches_per_epoch
         if self._repeat:
             if i < 0:
@@ -304,101 +304,9 @@ class LoaderDataset(keras.utils.PyDataset):
             return (epoch - self._epoch) * self._plan.batches_per_epoch + batch
         return batch
 
-    def _load_noted(self, index: int, ids: np.ndarray) -> Any:
-        try:
-            return self.load(ids)
-        except Exception as e:
-            add_note(
-                e, f"keras_oom: while loading batch {index}, ids {describe_ids(ids)}"
-            )
-            raise
-
-    def _with_labels(self, x: Any, epoch: int, batch: int) -> Any:
-        if self._labels is None:
-            return x
-        pos = self._plan.positions(epoch, batch)
-        labels = self._labels
-        if isinstance(labels, dict):
-            return x, {k: v[pos] for k, v in labels.items()}
-        if isinstance(labels, tuple):
-            return x, tuple(v[pos] for v in labels)
-        return x, labels[pos]
-
-
-def _as_index(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"`{name}` must be an integer. Received: {name}={value!r} "
-            f"of type {type(value).__name__}"
-        ) from None
-
-
-def _as_sample_ids(sample_ids: Any) -> np.ndarray:
-    if sample_ids is None:
-        raise ValueError("`sample_ids` is required. Received: sample_ids=None")
-    ids = np.asarray(sample_ids)
-    if ids.ndim != 1:
-        raise ValueError(
-            f"`sample_ids` must be 1-D. Received: sample_ids with shape {ids.shape}"
-        )
-    if len(ids) == 0:
-        raise ValueError("`sample_ids` must not be empty. Received: 0 sample ids")
-    return ids
-
-
-def _as_labels(labels: Labels, n: int) -> Any:
-    if labels is None:
-        return None
-    if isinstance(labels, Mapping):
-        return {k: _as_label_array(v, n, f"labels[{k!r}]") for k, v in labels.items()}
-    if isinstance(labels, tuple):
-        return tuple(
-            _as_label_array(v, n, f"labels[{i}]") for i, v in enumerate(labels)
-        )
-    return _as_label_array(labels, n, "labels")
-
-
-def _as_label_array(values: Any, n: int, name: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim == 0 or len(arr) != n:
-        length = "a scalar" if arr.ndim == 0 else f"length {len(arr)}"
-        raise ValueError(
-            f"`{name}` must have one entry per sample id: got {length}, "
-            f"but len(sample_ids) is {n}."
-        )
-    return arr
-
-
-def _check_batch_size(batch_size: Any, n: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(
-            f"`batch_size` must be a positive integer. "
-            f"Received: batch_size={batch_size!r} of type {type(batch_size).__name__}"
-        )
-    if batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. "
-            f"Received: batch_size={batch_size}"
-        )
-    if batch_size > n:
-        raise ValueError(
-            f"`batch_size` must be at most the number of samples ({n}, per "
-            f"shard when sharded). Received: batch_size={batch_size}"
-        )
-
-
-def _as_seed(seed: Any) -> int:
-    if seed is None:
-        return secrets.randbits(32)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(
-            f"`seed` must be a non-negative integer or None. "
-            f"Received: seed={seed!r} of type {type(seed).__name__}"
-        )
-    if seed < 0:
-        raise ValueError(f"`seed` must be non-negative. Received: seed={seed}")
-    return int(seed)
+    def _batch_loader(self) -> Callable[..., Any]:
+        """What loads a batch: the `loader`, or a subclass's `load`."""
+        if type(self).load is LoaderDataset.load:
+            assert self._loader is not None
+            return self._loader
+        return self.load

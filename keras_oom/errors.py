@@ -1,4 +1,8 @@
-"""The exceptions keras-oom raises, and how worker failures reach the caller."""
+"""The public exceptions of keras-oom.
+
+How a failure in a worker is encoded, sent and rebuilt in the caller lives
+beside the other messages in `protocol.py`.
+"""
 
 from __future__ import annotations
 
@@ -44,35 +48,17 @@ class WorkerTimeoutError(TimeoutError):
     """
 
 
-class DatasetClosedError(RuntimeError):
-    """The dataset was used after `close()` ended its workers."""
+class WorkerStartError(RuntimeError):
+    """The pool could not keep its workers running, so it stopped trying.
 
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, as text.
-
-    Chained as the `__cause__` of the exception re-raised in the caller, so
-    that the report shows where in the loader the error happened.
+    Raised by every read once workers kept failing to start: a start that
+    raised (the loader does not pickle, no process can be created), or
+    workers that died before they were ready, several times in a row. When
+    `worker_init` or unpickling the loader raised in the worker, the first
+    read raises that exception itself, with the worker's traceback in its
+    notes, and later reads raise this error with it as the cause.
     """
 
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
 
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
-
-
-def add_note(exc: BaseException, note: str) -> None:
-    """Attaches `note` to `exc` (PEP 678), also on Python 3.10."""
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
-    else:  # pragma: no cover - Python 3.10
-        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
-
-
-def describe_ids(ids, limit: int = 3) -> str:
-    """A short, printable preview of a batch's sample ids."""
-    shown = ", ".join(repr(i.item() if hasattr(i, "item") else i) for i in ids[:limit])
-    more = f", ... ({len(ids)} ids)" if len(ids) > limit else ""
-    return f"[{shown}{more}]"
+class DatasetClosedError(RuntimeError):
+    """The dataset was used after `close()` ended its workers."""

@@ -2,51 +2,68 @@
 
 Data flow (parent on the left, one worker on the right):
 
-    PrefetchLoaderDataset                      worker process (worker.py)
-      | submit(key, ids)                         |
+    PrefetchLoaderDataset (prefetch.py)        worker process (worker.py)
+      | Schedule (schedule.py) decides          |
+      | which slot loads which key              |
       v                                          |
-    WorkerPool ---- (key, ids) ---- socket ----> loader(ids)
-      | in-flight table: worker -> key           |
+    WorkerPool.submit(slot, Load) -- socket --> loader(ids[, rng])
+      | slots: one worker each, or vacant        |
       | wait(): multiprocessing.connection.wait  |
       |   over every socket and process          |
-      |   sentinel, and the nearest timeout      |
+      |   sentinel, the nearest timeout and      |
+      |   the next restart of a vacant slot      |
       v                                          |
-    Completion(key, value | error) <-- socket -- (key, seconds, batch header)
-                                    <-- memfd --- array data (transport.py)
-    the ids of buffers the caller has freed ride on the next request
+    Events: Arrived(slot, key, Outcome) <------ Loaded | Failed (protocol.py)
+            Lost(slot, key, Outcome | None)     array data via memfd
+            Joined(slot)                        (transport.py)
 
-- The parent sends a worker a request only when the worker is idle, so each
-  worker has at most one batch in flight and the table is exact.
-- `wait` reports three kinds of completions: a batch, a loader exception
-  (re-raised by the caller with the worker's traceback as its cause), and a
-  worker that died or outlived `timeout`. A dead or stuck worker is replaced
-  at once, so the pool keeps its size.
-- Workers are started once and serve every epoch.
+- The parent sends a worker a request only when the schedule says it is
+  idle, so each worker has at most one batch in flight.
+- One rule for every failure: it ends the batch it affects with an error
+  for that batch, and the pool restarts the slot. A loader exception and a
+  batch that does not unpickle come back as `Arrived` with an error; a
+  worker that dies or outlives `timeout` as `Lost` with a
+  `WorkerDiedError` or `WorkerTimeoutError`.
+- A slot whose worker cannot be started (the start raises, or workers die
+  before they are ready) is retried with a growing pause;
+  `MAX_START_FAILURES` failures in a row break the pool, and every later
+  call raises at once (`WorkerStartError`). A start that fails for a reason
+  that cannot change (the loader does not pickle, `worker_init` raised)
+  breaks it at once. So nothing spins and nothing waits forever.
+- Workers are started once, at the dataset's first use, and serve every
+  epoch.
 
 How workers start (`start_method`):
 
-- `"fork"` (the default while it is safe): fast, and the loader needs no
-  pickling. Forking a process in which JAX, TensorFlow or CUDA runs threads
-  can deadlock the child, so once one of them has started, the default
-  switches to:
-- `"subprocess"`: a fresh interpreter (`python -c`) that gets the parent's
+- `"fork"` (the default while it is safe): fast, and nothing is pickled.
+  Forking a process in which JAX, TensorFlow or CUDA runs threads can
+  deadlock the child, so once one of them has started, the default (chosen
+  again for each start) switches to:
+- `"subprocess"`: a fresh interpreter (`python -c`), in a session of its
+  own so that a terminal's Ctrl-C never reaches it, with the parent's
   `sys.path` and the loader pickled by value with `cloudpickle`. Unlike
-  `multiprocessing`'s `"spawn"` and `"forkserver"`, it does not re-import the
-  user's main module, so an unguarded training script is not re-run inside
-  every worker.
+  `multiprocessing`'s `"spawn"` and `"forkserver"`, it does not re-import
+  the user's main module, so an unguarded training script is not re-run.
 - `"spawn"` and `"forkserver"`: `multiprocessing`'s own, on request.
 
 How a pool ends, and what handles each case:
 
-- `close()`: every socket is closed (idle workers exit on end-of-file), then
-  the remaining workers get SIGTERM, then SIGKILL after a short grace.
+- `close()`: every socket is closed (idle workers exit on end-of-file),
+  then the remaining workers get SIGTERM, then SIGKILL after a short grace.
+  It may come from another thread while the owner waits: the owner wakes
+  with `DatasetClosedError`. Each worker is released exactly once.
 - The owner is garbage collected, or the interpreter exits: the dataset's
   `weakref.finalize` calls `close()`.
-- A worker dies: its sentinel wakes `wait`; its batch fails with
-  `WorkerDiedError`, and a new worker takes its place.
+- A worker dies: its sentinel wakes `wait`, and the slot restarts.
 - The parent dies, even by SIGKILL: each worker watches the parent's pidfd
   in a thread and exits at once (worker.py).
-- Ctrl-C: workers ignore SIGINT; only the parent raises KeyboardInterrupt.
+- Ctrl-C: workers ignore SIGINT. In the parent, state changes run with
+  SIGINT deferred (`deferred_interrupts`), so a KeyboardInterrupt lands only
+  between consistent states, never between a message and its descriptor.
+- The user's process forks (`os.fork()`): the child inherits the pool's
+  sockets but must not use them, and `multiprocessing`'s exit handler in
+  the child would terminate our workers; an at-fork hook takes them out of
+  its list, and `close()` in the child only lets go of the sockets.
 """
 
 from __future__ import annotations
@@ -54,8 +71,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import multiprocessing.process
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -63,16 +80,25 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NamedTuple
 
 from keras_oom import worker as worker_module
 from keras_oom.errors import (
     DatasetClosedError,
-    RemoteTraceback,
     WorkerDiedError,
+    WorkerStartError,
     WorkerTimeoutError,
+)
+from keras_oom.protocol import (
+    Failed,
+    Load,
+    Loaded,
+    Ready,
+    StartFailed,
+    add_note,
+    decode_error,
 )
 from keras_oom.transport import BatchReader
 
@@ -85,11 +111,74 @@ _TERM_GRACE = 0.5
 # A worker's start-up (a fresh interpreter importing what the loader needs)
 # does not count against `timeout`; this bounds it instead.
 _START_GRACE = 60.0
+# Failed starts of a slot in a row before the pool gives up, and the pause
+# before the first retry (doubled each time).
+MAX_START_FAILURES = 3
+_RETRY_PAUSE = 0.05
+# select() and its kin overflow past ~24.8 days; waits are cut into pieces.
+_MAX_WAIT = 3600.0
 
 # Every open pool of this process: a forked worker closes their sockets, which
 # it inherits but must not hold (a held socket hides end-of-file from the
 # worker on the other end).
 _LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How one batch ended: its value, or the error that replaced it."""
+
+    value: Any = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+    pid: int = 0
+
+
+class Arrived(NamedTuple):
+    slot: int
+    key: Any
+    outcome: Outcome
+
+
+class Lost(NamedTuple):
+    slot: int
+    key: Any  # the key the worker held, or None
+    outcome: Outcome | None  # the error for that key; None: send it again
+
+
+class Joined(NamedTuple):
+    slot: int
+
+
+Event = Arrived | Lost | Joined
+
+
+class WorkerSetup(NamedTuple):
+    """What every worker needs before its first batch."""
+
+    loader: Callable[..., Any]
+    worker_init: Callable[[int], Any] | None
+
+
+def pickle_setup(setup: WorkerSetup, method: str) -> bytes:
+    """`setup` pickled by value for a worker that is not forked.
+
+    Raises:
+        TypeError: If it does not pickle, saying what to do instead.
+    """
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(setup)
+    except Exception as e:
+        raise TypeError(
+            f"The loader {setup.loader!r} (or worker_init) cannot be pickled "
+            f"with cloudpickle, which start_method={method!r} needs "
+            f"({type(e).__name__}: {_safe_str(e)}). Make it picklable: open "
+            f"files, connections and locks in each worker instead, in "
+            f"`worker_init` or lazily on the loader's first call (see "
+            f"docs/pool.md, 'Per-worker setup')."
+        ) from e
 
 
 def default_start_method() -> str:
@@ -115,29 +204,50 @@ def _fork_is_safe() -> bool:
     return torch_cuda is None or not torch_cuda.is_initialized()
 
 
-@dataclasses.dataclass
-class Completion:
-    """The outcome of one request: a batch, or the error that replaced it."""
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds SIGINT back until the block ends, then delivers it.
 
-    key: Any
-    value: Any = None
-    error: BaseException | None = None
-    seconds: float = 0.0
-    pid: int = 0
+    Python raises KeyboardInterrupt between any two bytecodes; inside a
+    block that updates the pool and the schedule together, that would leave
+    them disagreeing (a key marked sent but never sent, a descriptor left
+    in a socket). Only the main thread receives signals, so elsewhere this
+    does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or previous is signal.SIG_IGN:
+        yield
+        return
+    received: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            else:  # SIG_DFL
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 class _Worker:
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, slot: int, process: Any, conn: Connection) -> None:
+        self.slot = slot
         self.process = process
         self.conn = conn
         self.pid: int = process.pid
         self.key: Any = None  # the batch in flight, if any
-        self.busy = False
-        self.ready = False  # has unpickled the loader and is serving
-        self.started = 0.0
+        self.ready = False  # has run its setup and is serving
+        self.started = time.perf_counter()  # of start-up, then of the batch
         self.batches = 0
         self.busy_seconds = 0.0
+        self.cpu_seconds = 0.0  # as the worker last reported it
         self.reader = BatchReader()
+        self.released = False
 
 
 class _SubprocessHandle:
@@ -151,9 +261,6 @@ class _SubprocessHandle:
     @property
     def exitcode(self) -> int | None:
         return self._popen.poll()
-
-    def is_alive(self) -> bool:
-        return self._popen.poll() is None
 
     def terminate(self) -> None:
         self._popen.terminate()
@@ -170,99 +277,141 @@ class _SubprocessHandle:
 
 
 class WorkerPool:
-    """A fixed number of worker processes that run `loader` on request.
+    """`size` worker slots that run the loader on request.
 
-    Not thread-safe: the owning dataset serialises calls with its lock.
+    Not thread-safe except for `close()`: the owning dataset serialises the
+    other calls with its lock.
 
     Args:
-        loader: Callable run in the workers as `loader(ids)`.
-        num_workers: Number of worker processes.
-        start_method: One of `START_METHODS`, or `None` to pick per worker
-            start with `default_start_method()`.
+        setup: The loader and `worker_init`, shipped to every worker.
+        size: Number of worker slots.
+        start_method: One of `START_METHODS`, or `None` to pick per start
+            with `default_start_method()`.
         timeout: Seconds one batch may take before its worker is replaced,
             or `None` for no limit.
     """
 
     def __init__(
         self,
-        loader: Callable[[Any], Any],
-        num_workers: int,
+        setup: WorkerSetup,
+        size: int,
         *,
         start_method: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        self._loader = loader
-        self._loader_bytes: bytes | None = None
+        self._setup = setup
+        self._setup_bytes: bytes | None = None
         self._start_method = start_method
         self._timeout = timeout
         self._closed = False
         self._broken: BaseException | None = None
-        self._workers: list[_Worker] = []
-        # Guards the worker list against close() from another thread (or a
+        self._broken_raised = False
+        self._slots: list[_Worker | None] = [None] * size
+        self._retry_at = [0.0] * size
+        self._failures = 0  # failed starts in a row, any slot
+        # Guards the slots against close() from another thread (or a
         # finalizer) while the owner replaces a worker.
         self._state_lock = threading.Lock()
         self.started_at = time.perf_counter()
         self._owner_pid = os.getpid()
         _LIVE_POOLS.add(self)
+
+    def start(self) -> list[Event]:
+        """Starts a worker in every slot; `Joined` for each that started."""
+        events: list[Event] = []
         try:
-            for _ in range(num_workers):
-                self._workers.append(self._start_worker())
+            for slot in range(len(self._slots)):
+                self._fill(slot, events)
         except BaseException:
             self.close()
             raise
+        self.raise_if_broken()
+        return events
 
     # -- starting workers ---------------------------------------------------
 
-    def _pickled_loader(self) -> bytes:
-        if self._loader_bytes is None:
-            import cloudpickle
+    def _fill(self, slot: int, events: list[Event]) -> None:
+        """Starts a worker in vacant `slot`, recording a failure if it fails."""
+        if self._closed or self._broken is not None:
+            return
+        try:
+            new = self._start_worker(slot)
+        except _Unpicklable as e:
+            self._break(e.error)
+            return
+        except Exception as e:
+            self._start_failed(slot, e)
+            return
+        with self._state_lock:
+            if self._closed:  # closed from another thread meanwhile
+                accepted = False
+            else:
+                self._slots[slot] = new
+                accepted = True
+        if not accepted:
+            _stop([new])
+            return
+        events.append(Joined(slot))
 
+    def _start_failed(self, slot: int, error: BaseException) -> None:
+        self._failures += 1
+        if self._failures >= MAX_START_FAILURES:
+            broken = WorkerStartError(
+                f"keras_oom workers failed to start {self._failures} times in a "
+                f"row; the last time: {_describe(error)}"
+            )
+            broken.__cause__ = error
+            self._break(broken)
+        else:
+            pause = _RETRY_PAUSE * 2 ** (self._failures - 1)
+            self._retry_at[slot] = time.monotonic() + pause
+
+    def _break(self, error: BaseException) -> None:
+        if self._broken is None:
+            self._broken = error
+
+    def _setup_pickled(self, method: str) -> bytes:
+        if self._setup_bytes is None:
             try:
-                self._loader_bytes = cloudpickle.dumps(self._loader)
-            except Exception as e:
-                raise TypeError(
-                    f"The loader {self._loader!r} cannot be pickled with "
-                    f"cloudpickle, which start_method="
-                    f"{self._start_method or default_start_method()!r} needs "
-                    f"({type(e).__name__}: {e}). Use a loader that pickles, "
-                    f"or start_method='fork' before any backend runs."
-                ) from e
-        return self._loader_bytes
+                self._setup_bytes = pickle_setup(self._setup, method)
+            except TypeError as e:
+                raise _Unpicklable(e) from e
+        return self._setup_bytes
 
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self, slot: int) -> _Worker:
         method = self._start_method or default_start_method()
         parent_sock, child_sock = socket.socketpair()
         conn = Connection(parent_sock.detach())
         try:
             if method == "subprocess":
-                process: Any = self._start_subprocess(child_sock, conn)
+                process: Any = self._start_subprocess(slot, child_sock, conn)
             else:
-                process = self._start_multiprocessing(method, child_sock, conn)
+                process = self._start_multiprocessing(method, slot, child_sock)
         except BaseException:
             conn.close()
             child_sock.close()
             raise
-        return _Worker(process, conn)
+        return _Worker(slot, process, conn)
 
     def _start_multiprocessing(
-        self, method: str, child_sock: socket.socket, conn: Connection
+        self, method: str, slot: int, child_sock: socket.socket
     ) -> Any:
         ctx: Any = multiprocessing.get_context(method)
         child_conn = Connection(child_sock.detach())
         if method == "fork":
-            loader: Any = self._loader
-            inherited = [conn.fileno()] + [
+            setup: Any = self._setup
+            inherited = [
                 w.conn.fileno()
                 for pool in list(_LIVE_POOLS)
-                for w in pool._workers
-                if not w.conn.closed
+                for w in pool._slots
+                if w is not None and not w.conn.closed
             ]
         else:
-            loader, inherited = self._pickled_loader(), []
+            setup, inherited = self._setup_pickled(method), []
         process = ctx.Process(
             target=worker_module.run,
-            args=(child_conn, loader, os.getpid(), inherited),
-            name="keras_oom-worker",
+            args=(child_conn, setup, os.getpid(), slot, inherited),
+            name=f"keras_oom-worker-{slot}",
             daemon=True,
         )
         try:
@@ -272,14 +421,14 @@ class WorkerPool:
         return process
 
     def _start_subprocess(
-        self, child_sock: socket.socket, conn: Connection
+        self, slot: int, child_sock: socket.socket, conn: Connection
     ) -> _SubprocessHandle:
-        loader = self._pickled_loader()
+        setup = self._setup_pickled("subprocess")
         child_fd = child_sock.detach()
         code = (
             f"import sys; sys.path[:] = {sys.path!r}; "
             f"from keras_oom.worker import subprocess_main; "
-            f"subprocess_main({child_fd}, {os.getpid()})"
+            f"subprocess_main({child_fd}, {os.getpid()}, {slot})"
         )
         sentinel_r, sentinel_w = os.pipe()  # EOF once the child has exited
         try:
@@ -287,6 +436,9 @@ class WorkerPool:
                 [sys.executable, "-c", code],
                 pass_fds=(child_fd, sentinel_w),
                 stdin=subprocess.DEVNULL,
+                # Out of the terminal's process group: Ctrl-C during its
+                # start-up, before it can ignore SIGINT, must not kill it.
+                start_new_session=True,
             )
         except BaseException:
             os.close(sentinel_r)
@@ -294,165 +446,191 @@ class WorkerPool:
         finally:
             os.close(child_fd)
             os.close(sentinel_w)
-        conn.send_bytes(loader)
-        return _SubprocessHandle(popen, sentinel_r)
+        handle = _SubprocessHandle(popen, sentinel_r)
+        with contextlib.suppress(OSError):  # if it died, its sentinel tells
+            conn.send_bytes(setup)
+        return handle
 
     # -- requests -----------------------------------------------------------
 
-    def idle_count(self) -> int:
-        """Number of workers with no batch in flight."""
-        return sum(not w.busy for w in self._workers)
-
-    def submit(self, key: Any, ids: Any) -> None:
-        """Sends `ids` to an idle worker; the result comes back from `wait`.
+    def submit(self, slot: int, load: Load) -> None:
+        """Sends `load` to the worker in `slot`; the result comes from `wait`.
 
         Raises:
-            RuntimeError: If no worker is idle, or workers failed to start.
+            DatasetClosedError: If the pool was closed.
+            WorkerStartError: (or the error that broke it) If broken.
         """
         self._check_open()
         self.raise_if_broken()
-        for w in self._workers:
-            if not w.busy:
-                break
-        else:
-            raise RuntimeError("submit() needs an idle worker")
-        w.busy, w.key, w.started = True, key, time.perf_counter()
-        # If the worker died, wait() reports it through its sentinel.
-        with contextlib.suppress(OSError):
-            w.conn.send((key, ids, w.reader.take_released()))
+        w = self._slots[slot]
+        assert w is not None and w.key is None, f"slot {slot} is not idle"
+        w.key = load.key
+        if w.ready:
+            w.started = time.perf_counter()
+        released = w.reader.take_released()
+        with contextlib.suppress(OSError):  # if it died, wait() reports it Lost
+            w.conn.send(load._replace(released=released))
 
-    def wait(self, timeout: float | None = None) -> list[Completion]:
-        """Waits until some request completes, or `timeout` seconds pass.
+    def wait(self, timeout: float | None = None) -> list[Event]:
+        """Waits until something happens, or `timeout` seconds pass.
 
         Returns:
-            The completions that arrived, possibly none after `timeout`.
+            The events since the last call, possibly none after `timeout`.
         """
         self._check_open()
-        if not any(w.busy for w in self._workers):
-            return []
-        if self._timeout is not None:
-            nearest = min(self._deadline(w) for w in self._workers if w.busy)
-            left = max(0.0, nearest - time.perf_counter())
-            timeout = left if timeout is None else min(timeout, left)
-        by_handle: dict[Any, _Worker] = {}
-        for w in self._workers:
-            by_handle[w.conn] = w
-            by_handle[w.process.sentinel] = w
-        ready = wait(list(by_handle), timeout)
-        self._check_open()  # close() from another thread wakes us up
-        done: list[Completion] = []
-        dead: list[_Worker] = []
-        for handle in ready:
-            w = by_handle[handle]
-            if w in dead:
-                continue
-            if not self._drain(w, done):
-                dead.append(w)
-        for w in dead:
-            self._replace(w, done)
+        self.raise_if_broken()
+        events: list[Event] = []
+        with deferred_interrupts():
+            self._refill(events)
+        live = [w for w in self._slots if w is not None]
+        vacant = [s for s, w in enumerate(self._slots) if w is None]
+        if events or not (any(w.key is not None for w in live) or vacant):
+            return events
+        deadlines = [self._retry_at[s] - time.monotonic() for s in vacant]
         if self._timeout is not None:
             now = time.perf_counter()
-            for w in list(self._workers):
-                if w.busy and now >= self._deadline(w):
-                    self._replace(w, done, timed_out=True)
-        return done
+            deadlines += [self._deadline(w) - now for w in live if w.key is not None]
+        if timeout is not None:
+            deadlines.append(timeout)
+        limit = min([_MAX_WAIT, *deadlines])
+        by_handle: dict[Any, _Worker] = {}
+        for w in live:
+            by_handle[w.conn] = w
+            by_handle[w.process.sentinel] = w
+        ready = wait(list(by_handle), max(0.0, limit))
+        self._check_open()  # close() from another thread wakes us up
+        with deferred_interrupts():
+            dead: list[_Worker] = []
+            for handle in ready:
+                w = by_handle[handle]
+                if w not in dead and not self._drain(w, events):
+                    dead.append(w)
+            for w in dead:
+                self._lose(w, events)
+            if self._timeout is not None:
+                now = time.perf_counter()
+                for w in [w for w in self._slots if w is not None]:
+                    if w.key is not None and now >= self._deadline(w):
+                        self._lose(w, events, timed_out=True)
+            self._refill(events)
+        return events
 
-    def _drain(self, w: _Worker, done: list[Completion]) -> bool:
+    def _refill(self, events: list[Event]) -> None:
+        now = time.monotonic()
+        for slot, w in enumerate(self._slots):
+            if w is None and now >= self._retry_at[slot]:
+                self._fill(slot, events)
+
+    def _drain(self, w: _Worker, events: list[Event]) -> bool:
         """Reads every message `w` has sent; False if `w` is gone."""
         try:
             while w.conn.poll():
-                self._handle(w, w.conn.recv(), done)
+                self._handle(w, w.conn.recv(), events)
             return w.process.exitcode is None or w.conn.poll()
-        except (EOFError, OSError, RuntimeError):
-            # RuntimeError: a descriptor that never came (recv_handle).
+        except Exception:
+            # End of file, a broken socket, a descriptor that never came, a
+            # message that does not unpickle: the stream cannot be trusted.
             return False
 
-    def _handle(self, w: _Worker, msg: tuple, done: list[Completion]) -> None:
-        if msg[0] == "ready":
+    def _handle(self, w: _Worker, msg: Any, events: list[Event]) -> None:
+        if isinstance(msg, Ready):
             w.ready = True
             w.started = time.perf_counter()  # `timeout` counts loading only
+            self._failures = 0
             return
-        if msg[0] == "start_error":
-            error = _rebuild_error(msg[2])
-            self._broken = RuntimeError(
-                f"A keras_oom worker (pid {w.pid}) failed to start: {error}"
-            )
-            self._broken.__cause__ = error
-            if w.busy:
-                done.append(Completion(w.key, error=self._broken, pid=w.pid))
-                w.busy, w.key = False, None
+        if isinstance(msg, StartFailed):
+            where = f"worker {w.slot} (pid {w.pid}) while starting"
+            error = decode_error(msg.error, where)
+            add_note(error, "keras_oom: the pool cannot start workers; it is broken")
+            self._break(error)
             return
-        key, seconds, kind, payload = msg
-        if kind == "error":
-            completion = Completion(key, error=_rebuild_error(payload))
+        if isinstance(msg, Failed):
+            outcome = Outcome(error=decode_error(msg.error, self._where(w)))
+        elif isinstance(msg, Loaded):
+            outcome = Outcome()
+            try:
+                outcome.value = w.reader.receive(w.conn, msg.kind, msg.payload)
+            except Exception as e:  # the batch does not unpickle here
+                add_note(
+                    e,
+                    f"keras_oom: the batch from {self._where(w)} could not "
+                    f"be unpickled in the parent",
+                )
+                outcome.error = e
         else:
-            completion = Completion(key, value=w.reader.receive(w.conn, kind, payload))
-        completion.seconds, completion.pid = seconds, w.pid
-        w.busy, w.key = False, None
+            raise TypeError(f"unexpected message from a worker: {msg!r}")
+        outcome.seconds, outcome.pid = msg.seconds, w.pid
+        w.cpu_seconds = msg.cpu
+        w.key = None
         w.batches += 1
-        w.busy_seconds += seconds
-        done.append(completion)
+        w.busy_seconds += msg.seconds
+        events.append(Arrived(w.slot, msg.key, outcome))
 
-    def _replace(
-        self, w: _Worker, done: list[Completion], *, timed_out: bool = False
+    def _lose(
+        self, w: _Worker, events: list[Event], *, timed_out: bool = False
     ) -> None:
-        """Ends `w`, fails its batch, and starts a worker in its place."""
+        """Ends `w`, fails its batch, and starts a worker in its slot."""
         if timed_out:
             w.process.kill()
         w.process.join(1.0)
         exitcode = w.process.exitcode
         with self._state_lock:
-            if w in self._workers:
-                self._workers.remove(w)
+            if self._slots[w.slot] is w:
+                self._slots[w.slot] = None
         _release(w)
-        if not w.ready and self._broken is None:
-            # It never served: a replacement would most likely fail the same way.
-            how = (
-                f"did not start within {_START_GRACE + (self._timeout or 0):.0f}s"
-                if timed_out
-                else _describe_exit(exitcode)
+        if not w.ready and not timed_out:
+            self._start_failed(
+                w.slot,
+                RuntimeError(
+                    f"worker {w.slot} (pid {w.pid}) {_describe_exit(exitcode)} "
+                    f"before it was ready; see its output above"
+                ),
             )
-            self._broken = RuntimeError(
-                f"A keras_oom worker (pid {w.pid}) {how} before it was ready "
-                f"to load; see its output above."
-            )
-        replaced = self._broken is None and self._start_replacement()
-        if not w.busy:
-            return
-        fate = "it was killed and replaced" if replaced else "it was killed"
-        if timed_out:
-            error: BaseException = WorkerTimeoutError(
-                f"Worker pid {w.pid} took longer than timeout={self._timeout}s; {fate}."
-            )
-        else:
-            error = WorkerDiedError(
-                f"Worker pid {w.pid} {_describe_exit(exitcode)}.",
-                pid=w.pid,
-                exitcode=exitcode,
-                batch_index=None,
-            )
-        done.append(Completion(w.key, error=error, pid=w.pid))
-
-    def _start_replacement(self) -> bool:
-        if self._closed:
-            return False
-        new = self._start_worker()
-        with self._state_lock:
-            if not self._closed:
-                self._workers.append(new)
-                return True
-        _stop([new])  # closed while it started
-        return False
+        outcome = None
+        if w.key is not None:
+            if timed_out:
+                error: BaseException = WorkerTimeoutError(
+                    f"Worker pid {w.pid} took longer than timeout={self._timeout}s "
+                    f"and was killed."
+                )
+            else:
+                error = WorkerDiedError(
+                    f"Worker pid {w.pid} {_describe_exit(exitcode)}."
+                    f"{_likely_causes(exitcode)}",
+                    pid=w.pid,
+                    exitcode=exitcode,
+                    batch_index=None,
+                )
+            outcome = Outcome(error=error, pid=w.pid)
+        events.append(Lost(w.slot, w.key, outcome))
+        if self._retry_at[w.slot] <= time.monotonic():
+            self._fill(w.slot, events)
 
     def _deadline(self, w: _Worker) -> float:
         """When `w`'s batch times out; start-up gets `_START_GRACE` on top."""
         assert self._timeout is not None
         return w.started + self._timeout + (0.0 if w.ready else _START_GRACE)
 
+    def _where(self, w: _Worker) -> str:
+        return f"worker {w.slot} (pid {w.pid})"
+
     def raise_if_broken(self) -> None:
-        """Raises the start-up failure that stopped the pool replacing workers."""
-        if self._broken is not None:
-            raise self._broken
+        """Raises what broke the pool: its own error once, then a
+        `WorkerStartError` caused by it."""
+        broken = self._broken
+        if broken is None:
+            return
+        if not self._broken_raised and not isinstance(broken, WorkerStartError):
+            self._broken_raised = True
+            raise broken
+        error = WorkerStartError(
+            f"The dataset's worker pool is broken: {_describe(broken)}"
+        )
+        raise error from broken
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -461,15 +639,26 @@ class WorkerPool:
     # -- observability and shutdown -----------------------------------------
 
     def worker_stats(self) -> list[dict[str, Any]]:
-        """Per worker: pid, batches loaded and seconds spent loading."""
+        """Per live worker: slot, pid, batches loaded and seconds loading."""
         return [
-            {"pid": w.pid, "batches": w.batches, "busy_seconds": w.busy_seconds}
-            for w in self._workers
+            {
+                "index": w.slot,
+                "pid": w.pid,
+                "batches": w.batches,
+                "busy_seconds": w.busy_seconds,
+                "cpu_seconds": w.cpu_seconds,
+            }
+            for w in self._slots
+            if w is not None
         ]
 
     @property
     def pids(self) -> list[int]:
-        return [w.pid for w in self._workers]
+        return [w.pid for w in self._slots if w is not None]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Ends every worker and releases every socket; idempotent.
@@ -480,7 +669,8 @@ class WorkerPool:
             if self._closed:
                 return
             self._closed = True
-            workers, self._workers = self._workers, []
+            workers = [w for w in self._slots if w is not None]
+            self._slots = [None] * len(self._slots)
         _LIVE_POOLS.discard(self)
         if os.getpid() != self._owner_pid:
             # A copy in a forked child (the user's os.fork()): the workers
@@ -489,6 +679,14 @@ class WorkerPool:
                 w.conn.close()
             return
         _stop(workers)
+
+
+class _Unpicklable(Exception):
+    """A start failed because the setup does not pickle: it never will."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _stop(workers: list[_Worker]) -> None:
@@ -518,7 +716,15 @@ def _join_all(workers: list[_Worker], seconds: float) -> None:
             alive.remove(s)
 
 
+_RELEASE_LOCK = threading.Lock()
+
+
 def _release(w: _Worker) -> None:
+    """Closes `w`'s socket and process handle, once whoever calls first."""
+    with _RELEASE_LOCK:
+        if w.released:
+            return
+        w.released = True
     w.conn.close()
     try:
         w.process.join(0)
@@ -527,19 +733,33 @@ def _release(w: _Worker) -> None:
         pass
 
 
-def _rebuild_error(payload: tuple[bytes | None, str, str]) -> BaseException:
-    """The worker's exception, its traceback text chained as its cause."""
-    pickled, description, tb = payload
-    error: BaseException | None = None
-    if pickled is not None:
-        try:
-            error = pickle.loads(pickled)
-        except Exception:
-            error = None
-    if error is None:
-        error = RuntimeError(description)
-    error.__cause__ = RemoteTraceback(tb)
-    return error
+def _forget_workers_in_forked_child() -> None:
+    """In a child of `os.fork()`, stops multiprocessing from ending our workers.
+
+    The child inherits `multiprocessing.process._children`, and its exit
+    handler terminates every daemonic process listed there: the parent's
+    workers. They are not the child's to end.
+    """
+    children = multiprocessing.process._children  # type: ignore[attr-defined]
+    for pool in list(_LIVE_POOLS):
+        for w in pool._slots:
+            if w is not None:
+                children.discard(w.process)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers_in_forked_child)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_safe_str(error)}"
+
+
+def _safe_str(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:
+        return f"<{type(e).__name__}>"
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -552,3 +772,18 @@ def _describe_exit(exitcode: int | None) -> str:
             name = f"signal {-exitcode}"
         return f"was killed by {name} (exit code {exitcode})"
     return f"exited with code {exitcode}"
+
+
+def _likely_causes(exitcode: int | None) -> str:
+    """What usually kills a loader's process this way, as loky says."""
+    if exitcode == -signal.SIGKILL:
+        return (
+            " Likely causes: the system ran out of memory (the OOM killer), "
+            "or the process was killed by hand."
+        )
+    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT):
+        return (
+            " Likely cause: a crash in native code called by the loader; "
+            "its stack is in the worker's output above (faulthandler)."
+        )
+    return ""

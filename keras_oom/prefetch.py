@@ -1,10 +1,15 @@
-"""`PrefetchLoaderDataset`: a `LoaderDataset` that loads ahead in worker processes."""
+"""`PrefetchLoaderDataset`: a `LoaderDataset` that loads ahead in worker processes.
+
+The dataset glues three pieces together: the `Schedule` decides which batch
+each worker loads (schedule.py), the `WorkerPool` runs them (pool.py), and
+the dataset turns what comes back into batches or errors for the caller.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
+import numbers
+import os
 import threading
 import time
 import warnings
@@ -12,35 +17,39 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from keras_oom.dataset import Labels, LoaderDataset, _as_index
-from keras_oom.errors import (
-    DatasetClosedError,
-    WorkerDiedError,
-    WorkerTimeoutError,
-    add_note,
-    describe_ids,
+from keras_oom.dataset import Labels, LoaderDataset
+from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
+from keras_oom.pool import (
+    START_METHODS,
+    Arrived,
+    Event,
+    Joined,
+    Lost,
+    Outcome,
+    WorkerPool,
+    WorkerSetup,
+    default_start_method,
+    deferred_interrupts,
+    pickle_setup,
 )
-from keras_oom.pool import START_METHODS, Completion, WorkerPool
+from keras_oom.protocol import Load, add_note, describe_ids
+from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
+from keras_oom.source import as_index
 
-Key = tuple[int, int]  # (epoch, 0 for all unshuffled epochs; batch in the epoch)
-
-# Out-of-order requests within one epoch before we warn: one jump (a peek at
-# ds[5]) is fine; a shuffled batch order is not.
-_OUT_OF_ORDER_WARN_AFTER = 2
-_RECENT_BATCHES = 2  # batches 0 and 1 of an epoch are kept for a re-read
+_KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
+_COUNTERS = ("batches", "hits", "discarded")
 
 
 class PrefetchLoaderDataset(LoaderDataset):
     """A `LoaderDataset` whose loader runs ahead in a pool of worker processes.
 
-    `num_workers` processes are started when the dataset is built and serve
-    every epoch until `close()`. Each loads one batch at a time; together
-    they keep the next `num_workers` batches of the expected order in flight,
-    across epoch boundaries too, so a `fit` loop that reads batches in order
-    finds them ready. Every index yields exactly the batch that
-    `LoaderDataset` would, in any request order and for any `num_workers`.
+    `num_workers` processes start at the dataset's first use (the first
+    read, `with`, or `set_epoch`) and serve every epoch until `close()`.
+    Each loads one batch at a time; together they keep the next
+    `num_workers` batches of the expected order in flight, across epoch
+    boundaries too, so a `fit` loop that reads batches in order finds them
+    ready. Every index yields exactly the batch that `LoaderDataset` would,
+    in any request order and for any `num_workers`.
 
     Read batches in order to benefit: call `fit(ds, shuffle=False)` and let
     the dataset shuffle the samples (`shuffle=True`, a better shuffle than
@@ -54,32 +63,39 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     Args:
         loader: As for `LoaderDataset`. It must pickle with `cloudpickle`
-            (lambdas and closures do) unless workers are forked.
+            (lambdas and closures do) unless workers are forked. A subclass
+            may override `load` instead: workers then get a copy of the
+            dataset without its sample ids, labels and sample weights.
         sample_ids: As for `LoaderDataset`.
         labels: As for `LoaderDataset`. Labels stay in this process; workers
             only run the loader.
         num_workers: Number of worker processes, reduced (with a warning)
-            to `len(sample_ids) // batch_size` when larger.
+            to the number of batches per epoch when larger.
         timeout: Seconds one batch may take before its worker is killed and
-            replaced and a `WorkerTimeoutError` raised, or `None` to wait
-            without limit.
+            replaced and a `WorkerTimeoutError` raised, or `None` (or
+            `float("inf")`) to wait without limit.
         start_method: How to start workers: `"fork"`, `"subprocess"` (a fresh
             interpreter), `"spawn"` or `"forkserver"`. `None` forks while that
             is safe and starts fresh interpreters once JAX, TensorFlow or CUDA
             has started threads; see docs/pool.md.
-        batch_size: As for `LoaderDataset`.
-        shuffle: As for `LoaderDataset`.
-        seed: As for `LoaderDataset`.
-        drop_remainder: As for `LoaderDataset`.
-        repeat: As for `LoaderDataset`.
-        shard: As for `LoaderDataset`.
-        shard_mode: As for `LoaderDataset`.
+        worker_init: Optional callable run once in each worker process, as
+            `worker_init(index)` with the worker's index in
+            `range(num_workers)`, before its first batch (a replacement takes
+            the index of the worker it replaces): the place to open a
+            database connection or a file that cannot be pickled. If it
+            raises, the next read raises that exception, with the worker's
+            traceback in its notes, and the dataset stops starting workers.
+        **kwargs: Every other argument of `LoaderDataset`: `sample_weights`,
+            `batch_size`, `shuffle`, `seed`, `drop_remainder`, `repeat`,
+            `shard`, `shard_mode`.
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
             a loader that cannot be pickled when workers are not forked.
         ValueError: For a bad argument value, as for `LoaderDataset`, or for
-            `num_workers < 1`, `timeout <= 0`, or an unknown `start_method`.
+            `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, or
+            Keras's own `workers` / `use_multiprocessing` /
+            `max_queue_size` (the pool replaces them).
 
     Example:
 
@@ -96,94 +112,83 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def __init__(
         self,
-        loader: Callable[[np.ndarray], Any] | None = None,
+        loader: Callable[..., Any] | None = None,
         sample_ids: Any = None,
         labels: Labels = None,
         *,
         num_workers: int = 2,
         timeout: float | None = None,
         start_method: str | None = None,
-        batch_size: int = 32,
-        shuffle: bool = False,
-        seed: int | None = None,
-        drop_remainder: bool = False,
-        repeat: bool = False,
-        shard: tuple[int, int] | str | None = None,
-        shard_mode: str = "pad",
+        worker_init: Callable[[int], Any] | None = None,
+        **kwargs: Any,
     ) -> None:
+        for name in _KERAS_PARALLELISM:
+            if name in kwargs:
+                raise ValueError(
+                    f"PrefetchLoaderDataset loads in its own worker processes; "
+                    f"use `num_workers` instead of Keras's `{name}`. "
+                    f"Received: {name}={kwargs[name]!r}"
+                )
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(
-            loader,
-            sample_ids,
-            labels,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            drop_remainder=drop_remainder,
-            repeat=repeat,
-            shard=shard,
-            shard_mode=shard_mode,
-            workers=1,
-            use_multiprocessing=False,
+            loader, sample_ids, labels, workers=1, use_multiprocessing=False, **kwargs
         )
         num_workers = _check_num_workers(num_workers)
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(
-                    f"`timeout` must be a number of seconds or None. "
-                    f"Received: timeout={timeout!r}"
-                )
-            if not timeout > 0:
-                raise ValueError(
-                    f"`timeout` must be positive. Received: timeout={timeout}"
-                )
+        self._timeout = _check_timeout(timeout)
         if start_method is not None and start_method not in START_METHODS:
             raise ValueError(
                 f"`start_method` must be one of {START_METHODS} or None. "
                 f"Received: start_method={start_method!r}"
             )
-        n = self._plan.shard_samples
-        if num_workers * self.batch_size > n:
-            reduced = max(1, n // self.batch_size)
+        if worker_init is not None and not callable(worker_init):
+            raise TypeError(
+                f"`worker_init` must be callable, as worker_init(index). "
+                f"Received: worker_init={worker_init!r}"
+            )
+        self._start_method = start_method
+        self._worker_init = worker_init
+        per_epoch = self._plan.batches_per_epoch
+        if num_workers > per_epoch:
             warnings.warn(
-                f"num_workers reduced from {num_workers} to {reduced}: "
-                f"{num_workers} workers x batch_size {self.batch_size} exceeds "
-                f"the {n} samples.",
+                f"num_workers reduced from {num_workers} to {per_epoch}: there "
+                f"are only {per_epoch} batches per epoch.",
                 UserWarning,
                 stacklevel=2,
             )
-            num_workers = reduced
+            num_workers = per_epoch
         self._num_workers = num_workers
-        self._lock = threading.RLock()
-        self._pending: set[Key] = set()  # submitted, not yet back
-        self._ready: dict[Key, Completion] = {}  # back, not yet requested
-        # TensorFlow's adapter reads batches 0 and 1 to infer shapes, then
-        # again to train: keep an epoch's first batches until batch 2 is read.
-        self._recent: dict[Key, Completion] = {}
-        self._last_key: Key | None = None
-        self._out_of_order = (0, 0)  # (epoch, count)
-        self._warned_order = False
-        self._counters = dict.fromkeys(
-            ("batches", "hits", "discarded", "wait_seconds", "load_seconds"), 0.0
-        )
-        self._pool: WorkerPool | None = WorkerPool(
-            self._worker_target(),
-            num_workers,
-            start_method=start_method,
-            timeout=timeout,
-        )
-        self._finalizer = weakref.finalize(self, self._pool.close)
-        with self._lock:
-            self._fill(None)
+        if type(self).load is LoaderDataset.load and (
+            (start_method or default_start_method()) != "fork"
+        ):
+            # Fail at construction where we can: the loader is known now.
+            pickle_setup(self._worker_setup(), start_method or "subprocess")
+        self._init_runtime()
 
-    def _worker_target(self) -> Callable[[np.ndarray], Any]:
+    def _init_runtime(self) -> None:
+        """The per-process state: no pool until the dataset is first used."""
+        self._lock = threading.RLock()
+        self._owner_pid = os.getpid()
+        self._pool: WorkerPool | None = None
+        self._schedule: Schedule | None = None
+        self._closed = False
+        self._cache = ReReadCache()
+        self._order = OrderWatch()
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._seconds = {"wait": 0.0, "load": 0.0}
+        self._final_stats: dict[str, Any] | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._cpu_at_start = 0.0
+
+    def _worker_setup(self) -> WorkerSetup:
         if type(self).load is LoaderDataset.load:
             assert self._loader is not None
-            return self._loader
-        # A subclass's load(): ship a copy of the dataset without its pool.
-        # Not self.load, which would keep self alive through the pool and so
-        # defeat the finalizer that closes it.
-        return copy.copy(self).load
+            return WorkerSetup(self._loader, self._worker_init)
+        # A subclass's load(): ship a copy of the dataset without its pool
+        # and without what workers never read. Not self.load, which would
+        # keep self alive through the pool and defeat the finalizer.
+        clone = copy.copy(self)
+        clone._source = self._source.for_workers()
+        return WorkerSetup(clone.load, self._worker_init)
 
     # -- what Keras calls -----------------------------------------------------
 
@@ -199,61 +204,73 @@ class PrefetchLoaderDataset(LoaderDataset):
             DatasetClosedError: If the dataset was closed.
             WorkerDiedError: If the worker loading the batch died.
             WorkerTimeoutError: If the batch took longer than `timeout`.
+            WorkerStartError: If workers could not be started.
+            RuntimeError: If called in a forked child of the owning process.
             Exception: Whatever the loader raised, with the worker's
-                traceback as its cause.
+                traceback in its notes and as its cause.
         """
         with self._lock:
-            pool = self._check_open()
+            self._ensure_started()
             epoch, batch = self._locate(index)
-            key = self._key(epoch, batch)
-            self._note_order(key)
+            key = (epoch, batch)
+            hit, value = self._cache.get(key)
             start = time.perf_counter()
-            completion = self._take(pool, key)
-            self._counters["wait_seconds"] += time.perf_counter() - start
+            if hit:
+                outcome = Outcome(value=value)
+                self._counters["hits"] += 1
+            else:
+                self._note_order(key)
+                outcome = self._fetch(key)
+                if outcome.error is None:
+                    self._cache.seen(key, outcome.value)
+            self._seconds["wait"] += time.perf_counter() - start
+            self._seconds["load"] += outcome.seconds
             self._counters["batches"] += 1
-            self._counters["load_seconds"] += completion.seconds
-            self._last_key = key
-            self._fill(key)
-        if completion.error is not None:
-            self._raise(completion, self._global_index(epoch, batch))
-        return self._with_labels(completion.value, epoch, batch)
+        if outcome.error is not None:
+            self._raise(outcome, epoch, batch)
+        return self._source.with_targets(outcome.value, epoch, batch)
 
     def on_epoch_end(self) -> None:
         with self._lock:
             super().on_epoch_end()
+            self._restart_window()
 
     def set_epoch(self, epoch: int) -> None:
         with self._lock:
             super().set_epoch(epoch)
-            if self._pool is not None:
-                self._last_key = None
-                self._fill(None)
+            self._ensure_started()
+            self._restart_window()
 
     # -- lifecycle ------------------------------------------------------------
 
     def close(self) -> None:
         """Ends every worker and releases their resources; idempotent.
 
-        Returns within about a second even while loaders are busy. Using the
-        dataset afterwards raises `DatasetClosedError`.
+        Returns within about a second even while loaders are busy. Reading
+        batches afterwards raises `DatasetClosedError`; `stats()` still
+        reports the final numbers.
         """
+        if os.getpid() == self._owner_pid and self._pool is not None:
+            self._final_stats = self._stats_now(self._pool)
         # Workers first, without the lock: a thread waiting in ds[i] for a
         # stuck loader holds it, and wakes up (DatasetClosedError) when the
         # pool closes.
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
         with self._lock:
+            self._closed = True
             self._pool = None
-            self._pending.clear()
-            self._ready.clear()
-            self._recent.clear()
+            self._schedule = None
+            self._cache.clear()
 
     @property
     def closed(self) -> bool:
         """Whether `close()` has ended the workers."""
-        return self._pool is None
+        return self._closed
 
     def __enter__(self) -> PrefetchLoaderDataset:
-        self._check_open()
+        with self._lock:
+            self._ensure_started()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -266,22 +283,27 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     @property
     def worker_pids(self) -> list[int]:
-        """Process ids of the current workers."""
-        return self._check_open().pids
+        """Process ids of the current workers (starting them if needed)."""
+        with self._lock:
+            return self._ensure_started().pids
 
     def stats(self) -> dict[str, Any]:
-        """Reports whether training waits for data, and how busy workers are.
+        """Reports whether training waits for data, and why.
 
         Returns:
             A dict with `batches` (delivered), `hits` (of those, how many were
             already loaded when requested), `discarded` (loaded ahead but not
             used, e.g. after random access), `wait_seconds` (time the caller
             spent waiting in `ds[i]`), `load_seconds` (loader time of the
-            delivered batches), `elapsed_seconds` (since the workers started)
-            and `workers`: per worker `pid`, `batches`, `busy_seconds` and
-            `utilization` (busy share of the elapsed time). When
-            `wait_seconds` is a large share of your step time, training is
-            input-bound: add workers or speed up the loader.
+            delivered batches), `elapsed_seconds` (since the workers
+            started), `cpu_share` (the share of this machine's cores that
+            this process and the workers used meanwhile), `workers` (per
+            worker: `index`, `pid`, `batches`, `busy_seconds`,
+            `cpu_seconds` and `utilization`, its busy share of the elapsed
+            time) and `diagnosis`, one sentence that reads them: not
+            input-bound; input-bound with idle cores (more workers would
+            help); or input-bound with every core busy (more workers would
+            not). After `close()` it returns the final numbers.
 
         Example:
 
@@ -291,146 +313,142 @@ class PrefetchLoaderDataset(LoaderDataset):
         >>> with PrefetchLoaderDataset(lambda ids: ids, np.arange(8),
         ...                            batch_size=2) as ds:
         ...     _ = [ds[i] for i in range(len(ds))]
-        ...     s = ds.stats()
+        >>> s = ds.stats()  # also after the with block
         >>> s["batches"], len(s["workers"])
         (4, 2)
 
         ```
         """
         with self._lock:
-            pool = self._check_open()
-            elapsed = time.perf_counter() - pool.started_at
-            workers = pool.worker_stats()
-            for w in workers:
-                w["utilization"] = w["busy_seconds"] / elapsed if elapsed else 0.0
-            out: dict[str, Any] = {
-                k: (int(v) if k in ("batches", "hits", "discarded") else v)
-                for k, v in self._counters.items()
-            }
-            out["elapsed_seconds"] = elapsed
-            out["workers"] = workers
-            return out
+            if self._pool is None:
+                if self._final_stats is not None:
+                    return copy.deepcopy(self._final_stats)
+                self._ensure_started()
+            assert self._pool is not None
+            return self._stats_now(self._pool)
+
+    def _stats_now(self, pool: WorkerPool) -> dict[str, Any]:
+        elapsed = time.perf_counter() - pool.started_at
+        workers = pool.worker_stats()
+        for w in workers:
+            w["utilization"] = w["busy_seconds"] / elapsed if elapsed else 0.0
+        cpu = time.process_time() - self._cpu_at_start
+        cpu += sum(w["cpu_seconds"] for w in workers)
+        cores = _cores()
+        out: dict[str, Any] = dict(self._counters)
+        out["discarded"] = self._schedule.discarded if self._schedule else 0
+        out["wait_seconds"] = self._seconds["wait"]
+        out["load_seconds"] = self._seconds["load"]
+        out["elapsed_seconds"] = elapsed
+        out["cpu_share"] = min(1.0, cpu / (elapsed * cores)) if elapsed else 0.0
+        out["workers"] = workers
+        out["diagnosis"] = _diagnose(out, cores)
+        return out
 
     # -- scheduling -----------------------------------------------------------
 
-    def _check_open(self) -> WorkerPool:
-        if self._pool is None:
+    def _ensure_started(self) -> WorkerPool:
+        """The pool, started at first use; raises if it cannot serve."""
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                f"This PrefetchLoaderDataset belongs to process {self._owner_pid}; "
+                f"this is process {os.getpid()}, a fork of it. Its workers "
+                f"serve only their owner: build a new dataset in this process."
+            )
+        if self._closed:
             raise DatasetClosedError(
                 "This PrefetchLoaderDataset was closed: its worker processes "
                 "are gone. Build a new dataset to load more batches."
             )
-        return self._pool
+        if self._pool is not None:
+            return self._pool
+        pool = WorkerPool(
+            self._worker_setup(),
+            self._num_workers,
+            start_method=self._start_method,
+            timeout=self._timeout,
+        )
+        self._cpu_at_start = time.process_time()
+        schedule = Schedule(self._num_workers, self._plan.batches_per_epoch)
+        with deferred_interrupts():
+            self._pool, self._schedule = pool, schedule
+            self._finalizer = weakref.finalize(self, pool.close)
+        self._apply(pool.start())
+        self._restart_window()
+        return pool
 
-    def _take(self, pool: WorkerPool, key: Key) -> Completion:
-        """Returns the completion of `key`, submitting it first if needed."""
-        kept = self._recent.get(key)
-        if kept is not None:
+    def _restart_window(self) -> None:
+        """Loads ahead from the start of the current epoch."""
+        if self._schedule is not None:
+            with deferred_interrupts():
+                self._schedule.restart(self._epoch)
+                self._dispatch()
+
+    def _fetch(self, key: Key) -> Outcome:
+        """The outcome of `key`: waits for it, submitting it first if needed."""
+        pool, schedule = self._pool, self._schedule
+        assert pool is not None and schedule is not None
+        with deferred_interrupts():
+            self._apply(pool.wait(0))  # what arrived meanwhile frees workers
+            schedule.request(key)
+            self._dispatch()
+        done, outcome = schedule.take(key)
+        if done:
             self._counters["hits"] += 1
-            return dataclasses.replace(kept, value=copy.deepcopy(kept.value))
-        completion = self._take_new(pool, key)
-        if key[1] >= _RECENT_BATCHES:
-            self._recent.clear()  # past the early reads: let those copies go
-        elif completion.error is None:
-            # A copy, so that a caller normalising the batch in place does
-            # not change what a re-read returns.
-            with contextlib.suppress(Exception):
-                self._recent[key] = dataclasses.replace(
-                    completion, value=copy.deepcopy(completion.value)
-                )
-        return completion
+        while not done:
+            events = pool.wait()
+            with deferred_interrupts():
+                self._apply(events)
+                self._dispatch()
+            done, outcome = schedule.take(key)
+        with deferred_interrupts():
+            self._dispatch()  # the worker it came from starts on the next one
+        return outcome
 
-    def _take_new(self, pool: WorkerPool, key: Key) -> Completion:
-        # Collect what has already arrived: it frees those workers for the
-        # next batches, and tells a batch loaded ahead from one waited for.
-        self._collect(pool.wait(0))
-        if key in self._ready:
-            self._counters["hits"] += 1
-            return self._ready.pop(key)
-        if key not in self._pending:
-            while pool.idle_count() == 0:
-                pool.raise_if_broken()  # no worker will come back
-                self._collect(pool.wait())
-            self._submit(pool, key)
-            self._fill(key)  # idle workers start on what comes next
-        while key not in self._ready:
-            self._collect(pool.wait())
-        return self._ready.pop(key)
+    def _apply(self, events: list[Event]) -> None:
+        schedule = self._schedule
+        assert schedule is not None
+        for event in events:
+            if isinstance(event, Joined):
+                schedule.add_worker(event.slot)
+            elif isinstance(event, Arrived):
+                key = schedule.arrived(event.slot, event.outcome)
+                assert key == event.key, (key, event.key)
+            elif isinstance(event, Lost):
+                schedule.lost(event.slot, event.outcome)
 
-    def _collect(self, completions: list[Completion]) -> None:
-        for c in completions:
-            self._pending.discard(c.key)
-            self._ready[c.key] = c
-
-    def _submit(self, pool: WorkerPool, key: Key) -> None:
-        ids = self._sample_ids[self._plan.positions(*key)]
-        pool.submit(key, ids)
-        self._pending.add(key)
-
-    def _fill(self, anchor: Key | None) -> None:
-        """Keeps the `num_workers` batches after `anchor` loaded or loading.
-
-        Results outside that window (random access, a finished epoch) are
-        dropped, which bounds memory to the window plus the batch in use.
-        """
-        pool = self._pool
-        if pool is None:
-            return
-        window = self._window(anchor)
-        for key in [k for k in self._ready if k not in window]:
-            del self._ready[key]
-            self._counters["discarded"] += 1
-        for key in window:
-            if pool.idle_count() == 0:
-                break
-            if not (key in self._ready or key in self._pending or key in self._recent):
-                self._submit(pool, key)
-
-    def _window(self, anchor: Key | None) -> list[Key]:
-        per_epoch = self._plan.batches_per_epoch
-        if anchor is None:
-            epoch, batch = self._epoch, -1
-        else:
-            epoch, batch = anchor
-        keys = []
-        for _ in range(self._num_workers):
-            batch += 1
-            if batch == per_epoch:
-                epoch, batch = epoch + 1, 0
-            keys.append(self._key(epoch, batch))
-        return keys
-
-    def _key(self, epoch: int, batch: int) -> Key:
-        """Names a batch by what it holds: unshuffled epochs are all alike, so
-        a batch loaded ahead for one epoch serves the next (Keras ends an
-        epoch before every `evaluate`)."""
-        return (epoch if self._plan.shuffle else 0, batch)
+    def _dispatch(self) -> None:
+        pool, schedule = self._pool, self._schedule
+        assert pool is not None and schedule is not None
+        for slot, key in schedule.assign():
+            ids = self._source.ids(*key)
+            pool.submit(slot, Load(key, ids, [], self._source.seed_of(*key)))
 
     def _note_order(self, key: Key) -> None:
-        last = self._last_key
-        if last is None or key == last or key[1] == 0 or key == self._window(last)[0]:
-            return
-        epoch, count = self._out_of_order
-        count = count + 1 if epoch == key[0] else 1
-        self._out_of_order = (key[0], count)
-        if count >= _OUT_OF_ORDER_WARN_AFTER and not self._warned_order:
-            self._warned_order = True
+        last = self._order.last
+        expected = None
+        if last is not None:
+            expected = (last[0], last[1] + 1)
+            if expected[1] == self._plan.batches_per_epoch:
+                expected = (last[0] + 1, 0)
+        if self._order.note(key, expected):
             warnings.warn(
                 f"PrefetchLoaderDataset: batches are requested out of order "
-                f"(batch {key[1]} after batch {last[1]}), so its workers load "
-                f"batches that are not used next. Keras's fit() shuffles the "
-                f"batch order by default: call fit(..., shuffle=False) and "
-                f"build the dataset with shuffle=True (it shuffles samples, a "
-                f"better shuffle), or use repeat=True with "
-                f"steps_per_epoch=ds.batches_per_epoch.",
+                f"(batch {key[1]} after batch {last[1] if last else None}), so "
+                f"its workers load batches that are not used next. Keras's "
+                f"fit() shuffles the batch order by default: call "
+                f"fit(..., shuffle=False) and build the dataset with "
+                f"shuffle=True (it shuffles samples, a better shuffle), or use "
+                f"repeat=True with steps_per_epoch=ds.batches_per_epoch.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _raise(self, completion: Completion, index: int) -> None:
-        error = completion.error
+    def _raise(self, outcome: Outcome, epoch: int, batch: int) -> None:
+        error = outcome.error
         assert error is not None
-        ids = describe_ids(self._sample_ids[self._plan.positions(*completion.key)])
-        what = f"batch {index}, ids {ids}"
+        index = self._global_index(epoch, batch)
+        what = f"batch {index}, ids {describe_ids(self._source.ids(epoch, batch))}"
         # The pool's messages already name the worker's pid.
         if isinstance(error, WorkerDiedError):
             raise WorkerDiedError(
@@ -441,31 +459,78 @@ class PrefetchLoaderDataset(LoaderDataset):
             ) from None
         if isinstance(error, WorkerTimeoutError):
             raise WorkerTimeoutError(f"{error} It was loading {what}.") from None
-        add_note(
-            error, f"keras_oom: while loading {what}, in worker pid {completion.pid}"
-        )
+        add_note(error, f"keras_oom: while loading {what}, in worker pid {outcome.pid}")
         raise error
 
-    # -- pickling: a copy for the workers, without the pool -------------------
+    # -- copies: a new, unstarted dataset with the same batches ---------------
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_pool", "_finalizer", "_lock", "_pending", "_ready", "_recent"):
+        for name in (
+            "_lock",
+            "_pool",
+            "_schedule",
+            "_finalizer",
+            "_cache",
+            "_order",
+            "_counters",
+            "_seconds",
+            "_final_stats",
+        ):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pool = None  # an unpickled copy only loads; it owns no workers
-        self._lock = threading.RLock()
-        self._pending, self._ready, self._recent = set(), {}, {}
-        self._finalizer = weakref.finalize(self, lambda: None)
+        self._init_runtime()
 
 
 def _check_num_workers(num_workers: Any) -> int:
-    value = _as_index(num_workers, "num_workers")
+    value = as_index(num_workers, "num_workers")
     if value < 1:
         raise ValueError(
             f"`num_workers` must be at least 1. Received: num_workers={num_workers}"
         )
     return value
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(
+            f"`timeout` must be a number of seconds or None. "
+            f"Received: timeout={timeout!r} of type {type(timeout).__name__}"
+        )
+    value = float(timeout)
+    if not value > 0:  # also NaN
+        raise ValueError(f"`timeout` must be positive. Received: timeout={timeout}")
+    return None if value == float("inf") else value
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _diagnose(stats: dict[str, Any], cores: int) -> str:
+    elapsed = stats["elapsed_seconds"]
+    if not stats["batches"] or not elapsed:
+        return "No batches read yet."
+    waiting = stats["wait_seconds"] / elapsed
+    busy = stats["cpu_share"]
+    if waiting < 0.1:
+        return f"Not input-bound: the caller waited for data {waiting:.0%} of the time."
+    if busy >= 0.85:
+        return (
+            f"Input-bound, with the machine's {cores} cores saturated "
+            f"({busy:.0%} in use): more workers would not help. Make the loader "
+            f"cheaper, or give training a machine with more cores."
+        )
+    return (
+        f"Input-bound with idle cores ({busy:.0%} of {cores} in use, the caller "
+        f"waited {waiting:.0%} of the time): more workers, or a faster loader, "
+        f"would help."
+    )

@@ -39,6 +39,7 @@ import mmap
 import os
 import pickle
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
@@ -67,12 +68,15 @@ class BatchWriter:
         """Marks buffers the parent no longer uses as free for reuse."""
         self._free.update(b for b in buffer_ids if b in self._maps)
 
-    def send(self, conn: Connection, header: tuple, value: Any) -> None:
-        """Sends `value` after a small `header`, through shared memory if large.
+    def send(
+        self, conn: Connection, message: Callable[[str, Any], Any], value: Any
+    ) -> None:
+        """Sends `value` in a small message, its arrays in shared memory if large.
 
         Args:
             conn: The worker's end of its socket to the parent.
-            header: A small picklable tuple sent ahead of the value.
+            message: Makes the message from `(kind, payload)`: `"inline"`
+                and the pickle, or `"memfd"` and the buffer's layout.
             value: The batch, any picklable object.
         """
         buffers: list[pickle.PickleBuffer] = []
@@ -81,7 +85,7 @@ class BatchWriter:
         if not HAS_MEMFD or sum(r.nbytes for r in raws) < SHARED_MEMORY_THRESHOLD:
             if buffers:  # re-pickle with the buffers in band
                 data = pickle.dumps(value, protocol=5)
-            conn.send((*header, "inline", data))
+            conn.send(message("inline", data))
             return
         offsets = []
         end = _aligned(len(data))
@@ -96,7 +100,7 @@ class BatchWriter:
         discarded = self._trim()
         new_size = len(mm) if new_fd is not None else None
         layout = (buffer_id, new_size, len(data), offsets, discarded)
-        conn.send((*header, "memfd", layout))
+        conn.send(message("memfd", layout))
         if new_fd is not None:
             try:
                 send_handle(conn, new_fd, 0)

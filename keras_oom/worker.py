@@ -2,24 +2,22 @@
 
 This module runs in the worker processes. It imports neither Keras nor any
 deep learning backend, so a worker started as a fresh interpreter is ready in
-a fraction of a second and starts no backend threads.
+a fraction of a second and starts no backend threads. The messages it sends
+and receives are in `protocol.py`.
 
-Messages on a worker's socket (see `pool.py` for the parent's side):
-
-    parent -> worker   (key, ids, released)  load `ids`; `key` names the batch;
-                                             `released` buffers are free again
-                       None                  exit
-    worker -> parent   ("ready", pid)        set up, loader unpickled
-                       ("start_error", pid, error)   setup failed; exits
-                       (key, seconds, "inline", pickle)
-                       (key, seconds, "memfd", layout) [+ descriptor]
-                       (key, seconds, "error", error)
+Before each batch the worker reseeds NumPy's global generator, `random`
+and (if the loader imported it) torch's from the batch's `(seed, epoch,
+position)`, so a loader that draws from them gets a stream of its own per
+batch, whichever worker runs it: forked workers do not share the parent's
+state, and fresh interpreters do not draw from OS entropy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
+import functools
 import os
 import pickle
 import select
@@ -27,88 +25,88 @@ import signal
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from keras_oom import seeding
+from keras_oom.protocol import Failed, Loaded, Ready, StartFailed, encode_error
+from keras_oom.source import call_loader
 from keras_oom.transport import BatchWriter
 
 
 def run(
     conn: Connection,
-    loader: Any,
+    setup: Any,
     parent_pid: int,
+    index: int,
     inherited_fds: Sequence[int] = (),
 ) -> None:
     """Serves load requests on `conn` until told to stop or the parent is gone.
 
     Args:
         conn: The worker's end of its socket to the parent.
-        loader: The loader, or its `cloudpickle` bytes when the worker was
-            not forked from the parent.
+        setup: The pool's `WorkerSetup` (loader, worker_init), or its
+            `cloudpickle` bytes when the worker was not forked.
         parent_pid: Pid of the process that owns the pool.
+        index: The worker's slot, passed to `worker_init`.
         inherited_fds: The parent's ends of worker sockets, inherited by a
             fork, to close here.
     """
-    for fd in inherited_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
     # Ctrl-C in a terminal reaches the whole process group; only the parent
     # should react to it, with one clean KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for fd in inherited_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     _exit_with_parent(parent_pid)
     _keep_large_allocations_on_heap()
+    with contextlib.suppress(Exception):  # a crash in native code leaves a stack
+        faulthandler.enable()
     try:
         try:
-            if isinstance(loader, bytes):
-                loader = pickle.loads(loader)
+            if isinstance(setup, bytes):
+                setup = pickle.loads(setup)
+            loader, worker_init = setup
             if not callable(loader):
                 raise TypeError(f"loader is not callable: {loader!r}")
+            if worker_init is not None:
+                worker_init(index)
         except Exception as e:
-            conn.send(("start_error", os.getpid(), _error_payload(e)))
+            conn.send(StartFailed(os.getpid(), encode_error(e)))
             return
-        conn.send(("ready", os.getpid()))
+        conn.send(Ready(os.getpid()))
         _serve(conn, loader)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         # The parent closed the pool, possibly mid-batch: nothing to report.
         return
 
 
-def _serve(conn: Connection, loader: Callable[[Any], Any]) -> None:
+def _serve(conn: Connection, loader: Any) -> None:
     writer = BatchWriter()
+    wants_rng = seeding.accepts_rng(loader)
     while True:
         request = conn.recv()
         if request is None:
             return
-        key, ids, released = request
-        writer.release(released)
-        start = time.perf_counter()
+        writer.release(request.released)
+        seeding.seed_global_generators(seeding.batch_seed(*request.seed))
+        key, start = request.key, time.perf_counter()
         try:
-            value = loader(ids)
+            value = call_loader(loader, wants_rng, request.ids, request.seed)
         except Exception as e:
-            conn.send((key, time.perf_counter() - start, "error", _error_payload(e)))
+            seconds = time.perf_counter() - start
+            conn.send(Failed(key, seconds, time.process_time(), encode_error(e)))
             continue
         seconds = time.perf_counter() - start
+        cpu = time.process_time()
         try:
-            writer.send(conn, (key, seconds), value)
+            writer.send(conn, functools.partial(Loaded, key, seconds, cpu), value)
         except (BrokenPipeError, ConnectionResetError):
             raise
         except Exception as e:  # the batch does not pickle
-            conn.send((key, seconds, "error", _error_payload(e)))
-
-
-def _error_payload(e: BaseException) -> tuple[bytes | None, str, str]:
-    """The exception pickled (or None), its type name and its traceback."""
-    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    pickled: bytes | None
-    try:
-        pickled = pickle.dumps(e)
-        pickle.loads(pickled)  # must also come back in the parent
-    except Exception:
-        pickled = None
-    return pickled, f"{type(e).__module__}.{type(e).__qualname__}: {e}", tb
+            conn.send(Failed(key, seconds, cpu, encode_error(e)))
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -171,15 +169,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def subprocess_main(fd: int, parent_pid: int) -> None:
+def subprocess_main(fd: int, parent_pid: int, index: int) -> None:
     """Entry point of a worker started as a fresh interpreter.
 
     The parent passes the socket as file descriptor `fd`; the first message
-    on it is the loader, pickled by value with `cloudpickle`.
+    on it is the setup, pickled by value with `cloudpickle`.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     try:
-        loader = conn.recv_bytes()
+        setup = conn.recv_bytes()
     except EOFError:
         sys.exit(0)
-    run(conn, loader, parent_pid)
+    run(conn, setup, parent_pid, index)

@@ -649,10 +649,19 @@ def test_numpy_integer_batch_size_is_accepted():
     assert len(ds) == 3 and ds.batch_size == 4 and type(ds.batch_size) is int
 
 
-def test_batch_size_larger_than_the_samples():
+def test_batch_size_larger_than_the_samples_gives_one_short_batch():
+    """Issue 10.4: predict on 10 paths with batch_size=64 works, as in Keras."""
+    ds = LoaderDataset(identity, np.arange(10), labels=np.arange(10), batch_size=64)
+    assert len(ds) == 1
+    x, y = ds[0]
+    np.testing.assert_array_equal(x, np.arange(10))
+    np.testing.assert_array_equal(y, np.arange(10))
+
+
+def test_batch_size_larger_than_the_samples_with_drop_remainder_is_an_error():
     with pytest.raises(ValueError, match=r"batch_size=11") as info:
-        LoaderDataset(identity, np.arange(10), batch_size=11)
-    assert "10" in str(info.value)
+        LoaderDataset(identity, np.arange(10), batch_size=11, drop_remainder=True)
+    assert "10" in str(info.value) and "drop_remainder" in str(info.value)
 
 
 @pytest.mark.parametrize("empty", [[], np.array([]), np.zeros(0, dtype=int), ()])
@@ -870,11 +879,6 @@ def test_bad_shard(shard, error):
 def test_bad_shard_mode():
     with pytest.raises(ValueError, match="shard_mode='cut'"):
         LoaderDataset(identity, np.arange(10), batch_size=2, shard_mode="cut")
-
-
-def test_batch_size_is_checked_per_shard():
-    with pytest.raises(ValueError, match="batch_size=6"):
-        LoaderDataset(identity, np.arange(10), batch_size=6, shard=(0, 2))
 
 
 def test_auto_shard_is_a_no_op_in_one_process():

@@ -31,7 +31,7 @@ from keras_oom import (
     WorkerDiedError,
     WorkerTimeoutError,
 )
-from keras_oom.errors import RemoteTraceback
+from keras_oom.protocol import RemoteTraceback
 
 pytestmark = pytest.mark.timeout(60)
 

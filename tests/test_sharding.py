@@ -274,9 +274,12 @@ def test_drop_with_more_shards_than_samples():
 
 
 def test_batch_size_is_checked_per_shard():
-    with pytest.raises(ValueError, match=r"batch_size.*per shard"):
-        LoaderDataset(identity, np.arange(20), batch_size=11, shard=(0, 2))
-    LoaderDataset(identity, np.arange(20), batch_size=10, shard=(0, 2))
+    with pytest.raises(ValueError, match=r"per shard.*batch_size=11"):
+        LoaderDataset(
+            identity, np.arange(20), batch_size=11, shard=(0, 2), drop_remainder=True
+        )
+    ds = LoaderDataset(identity, np.arange(20), batch_size=11, shard=(0, 2))
+    assert len(ds) == 1 and len(ds[0]) == 10  # one short batch per shard
 
 
 # -- shard="auto" -------------------------------------------------------------

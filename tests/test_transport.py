@@ -10,6 +10,7 @@ can be inspected) and end to end through real worker processes.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import socket
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from keras_oom import PrefetchLoaderDataset
+from keras_oom.protocol import Loaded
 from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWriter
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,17 +100,19 @@ class Channel:
 
         def send():
             try:
-                self.writer.send(self.worker_end, ("key", 0.5), value)
+                message = functools.partial(Loaded, "key", 0.5, 0.0)
+                self.writer.send(self.worker_end, message, value)
             except BaseException as e:  # pragma: no cover - reported below
                 errors.append(e)
 
         sender = threading.Thread(target=send)  # big inline pickles block
         sender.start()
-        key, seconds, kind, payload = self.parent_end.recv()
+        msg = self.parent_end.recv()
+        kind, payload = msg.kind, msg.payload
         received = self.reader.receive(self.parent_end, kind, payload)
         sender.join(10)
         assert not errors, errors
-        assert (key, seconds) == ("key", 0.5)
+        assert isinstance(msg, Loaded) and (msg.key, msg.seconds) == ("key", 0.5)
         self.payloads.append((kind, payload))
         return kind, received
 

@@ -1,0 +1,217 @@
+"""`BatchSource`: what batch `(epoch, batch)` is made of, checked once.
+
+Both dataset classes hold one `BatchSource`: the sample ids, the labels and
+sample weights aligned with them, the batch plan (`indexing.py`), and how
+the loader is called. Every constructor argument they share is validated
+here, so a new option is added in one place. A stripped copy
+(`for_workers`) is what worker processes receive.
+
+This module runs in workers too: it imports neither Keras nor a backend.
+"""
+
+from __future__ import annotations
+
+import operator
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from keras_oom import seeding
+from keras_oom.indexing import BatchPlan, shard_size
+from keras_oom.sharding import resolve_shard
+
+Targets = Any  # an array-like, or a dict / tuple of array-likes
+
+
+class BatchSource:
+    """The validated, immutable description of every batch of every epoch.
+
+    Args: as the same-named arguments of `LoaderDataset`.
+
+    Raises:
+        TypeError, ValueError: For a bad argument, naming it and its value.
+    """
+
+    def __init__(
+        self,
+        sample_ids: Any,
+        labels: Targets = None,
+        sample_weights: Targets = None,
+        *,
+        batch_size: Any = 32,
+        shuffle: bool = False,
+        seed: Any = None,
+        drop_remainder: bool = False,
+        shard: Any = None,
+        shard_mode: str = "pad",
+    ) -> None:
+        self.sample_ids = _as_sample_ids(sample_ids)
+        n = len(self.sample_ids)
+        self.labels = _as_targets(labels, n, "labels")
+        if sample_weights is not None and self.labels is None:
+            raise ValueError(
+                "`sample_weights` needs `labels`: Keras reads a batch as "
+                "(x, y, sample_weight). Received: labels=None"
+            )
+        self.sample_weights = _as_targets(sample_weights, n, "sample_weights")
+        shard_index, shard_count = resolve_shard(shard, shard_mode)
+        if shard_count > 1 and shuffle and seed is None:
+            raise ValueError(
+                f"`seed` must be given when shuffling a sharded dataset: every "
+                f"process must draw the same order for the shards to be "
+                f"disjoint. Received: seed=None, shard=({shard_index}, "
+                f"{shard_count})"
+            )
+        per_shard = shard_size(n, shard_count, shard_mode)
+        if per_shard == 0:
+            raise ValueError(
+                f"`shard_mode='drop'` leaves no samples: {n} sample ids split "
+                f"{shard_count} ways. Received: shard=({shard_index}, "
+                f"{shard_count})"
+            )
+        _check_batch_size(batch_size, per_shard, bool(drop_remainder))
+        self.seed = _as_seed(seed)
+        self.plan = BatchPlan(
+            n,
+            int(batch_size),
+            shuffle=bool(shuffle),
+            seed=self.seed,
+            drop_remainder=bool(drop_remainder),
+            shard=(shard_index, shard_count),
+            shard_mode=shard_mode,
+        )
+
+    def ids(self, epoch: int, batch: int) -> np.ndarray:
+        """The sample ids of batch `batch` of `epoch`."""
+        return self.sample_ids[self.plan.positions(epoch, batch)]
+
+    def seed_of(self, epoch: int, batch: int) -> tuple[int, int, int]:
+        """`(seed, epoch, position)`, from which the batch's randomness derives.
+
+        The position is the batch's place in the whole, unsharded epoch, so
+        every shard's batches draw their own streams.
+        """
+        return self.seed, epoch, seeding.batch_position(batch, self.plan.shard)
+
+    def with_targets(self, x: Any, epoch: int, batch: int) -> Any:
+        """`x`, or `(x, y)` with labels, or `(x, y, w)` with sample weights."""
+        if self.labels is None:
+            return x
+        pos = self.plan.positions(epoch, batch)
+        y = _take(self.labels, pos)
+        if self.sample_weights is None:
+            return x, y
+        return x, y, _take(self.sample_weights, pos)
+
+    def for_workers(self) -> BatchSource:
+        """A copy without the ids, labels and weights, which workers never read.
+
+        A subclass's `load` runs in workers on a copy of the dataset; this
+        keeps a large label array (or millions of paths) from being pickled
+        into every worker.
+        """
+        stripped = object.__new__(BatchSource)
+        stripped.__dict__.update(self.__dict__)
+        stripped.sample_ids = self.sample_ids[:0]
+        stripped.labels = stripped.sample_weights = None
+        return stripped
+
+
+def call_loader(
+    loader: Callable[..., Any], wants_rng: bool, ids: Any, seed: tuple[int, int, int]
+) -> Any:
+    """Calls `loader(ids)`, or `loader(ids, rng=...)` when it declares `rng`."""
+    if wants_rng:
+        return loader(ids, rng=seeding.batch_rng(*seed))
+    return loader(ids)
+
+
+def _take(targets: Any, pos: np.ndarray) -> Any:
+    if isinstance(targets, dict):
+        return {k: v[pos] for k, v in targets.items()}
+    if isinstance(targets, tuple):
+        return tuple(v[pos] for v in targets)
+    return targets[pos]
+
+
+def as_index(value: Any, name: str) -> int:
+    """`value` as an int, or a TypeError naming `name` (bools are refused)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be an integer. Received: {name}={value!r} "
+            f"of type {type(value).__name__}"
+        ) from None
+
+
+def _as_sample_ids(sample_ids: Any) -> np.ndarray:
+    if sample_ids is None:
+        raise ValueError("`sample_ids` is required. Received: sample_ids=None")
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1:
+        raise ValueError(
+            f"`sample_ids` must be 1-D. Received: sample_ids with shape {ids.shape}"
+        )
+    if len(ids) == 0:
+        raise ValueError("`sample_ids` must not be empty. Received: 0 sample ids")
+    return ids
+
+
+def _as_targets(targets: Targets, n: int, name: str) -> Any:
+    if targets is None:
+        return None
+    if isinstance(targets, Mapping):
+        return {k: _as_aligned(v, n, f"{name}[{k!r}]") for k, v in targets.items()}
+    if isinstance(targets, tuple):
+        return tuple(_as_aligned(v, n, f"{name}[{i}]") for i, v in enumerate(targets))
+    return _as_aligned(targets, n, name)
+
+
+def _as_aligned(values: Any, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim == 0 or len(arr) != n:
+        length = "a scalar" if arr.ndim == 0 else f"length {len(arr)}"
+        raise ValueError(
+            f"`{name}` must have one entry per sample id: got {length}, "
+            f"but len(sample_ids) is {n}."
+        )
+    return arr
+
+
+def _check_batch_size(batch_size: Any, n: int, drop_remainder: bool) -> None:
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(
+        batch_size, (int, np.integer)
+    ):
+        raise TypeError(
+            f"`batch_size` must be a positive integer. "
+            f"Received: batch_size={batch_size!r} of type {type(batch_size).__name__}"
+        )
+    if batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. "
+            f"Received: batch_size={batch_size}"
+        )
+    if batch_size > n and drop_remainder:
+        raise ValueError(
+            f"`drop_remainder=True` with `batch_size` larger than the number "
+            f"of samples ({n}, per shard when sharded) leaves no batch. "
+            f"Received: batch_size={batch_size}"
+        )
+
+
+def _as_seed(seed: Any) -> int:
+    if seed is None:
+        return secrets.randbits(32)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(
+            f"`seed` must be a non-negative integer or None. "
+            f"Received: seed={seed!r} of type {type(seed).__name__}"
+        )
+    if seed < 0:
+        raise ValueError(f"`seed` must be non-negative. Received: seed={seed}")
+    return int(seed)
