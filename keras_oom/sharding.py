@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
+
 from keras_oom.indexing import SHARD_MODES
 
 
@@ -31,7 +33,8 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
     Raises:
         ValueError: For an unknown `shard_mode` or `shard` string, or an
             index out of range.
-        TypeError: For a `shard` that is not a pair of integers.
+        TypeError: For a `shard` that is not a pair of integers (Python
+            or NumPy; bools are refused).
     """
     if shard_mode not in SHARD_MODES:
         raise ValueError(
@@ -48,7 +51,7 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             )
         return auto_shard()
     try:
-        index, count = (operator.index(v) for v in shard)
+        index, count = (_as_int(v) for v in shard)
     except (TypeError, ValueError):
         raise TypeError(
             f"`shard` must be None, 'auto' or a pair of integers (index, count). "
@@ -60,6 +63,13 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             f"Received: shard={shard!r}"
         )
     return index, count
+
+
+def _as_int(value: Any) -> int:
+    # `True` passes `operator.index`, but is never an intended shard number.
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"a bool is not an integer: {value!r}")
+    return operator.index(value)
 
 
 def auto_shard() -> tuple[int, int]:

@@ -241,10 +241,31 @@ def test_shard_not_a_pair_of_integers(cls, shard):
         cls(identity, np.arange(20), batch_size=2, shard=shard)
 
 
-def test_numpy_integers_are_accepted_as_shard():
-    ds = LoaderDataset(
-        identity, np.arange(20), batch_size=2, shard=(np.int64(1), np.int32(4))
-    )
+@BOTH
+@pytest.mark.parametrize(
+    "shard",
+    [(True, 2), (0, True), (False, True), (np.bool_(True), 2), (1, np.bool_(True))],
+    ids=repr,
+)
+def test_bools_are_not_shard_integers(cls, shard):
+    """`True` is an int to Python and NumPy, but never an intended index."""
+    with pytest.raises(TypeError, match=r"`shard`.*pair of integers") as info:
+        cls(identity, np.arange(20), batch_size=2, shard=shard)
+    assert f"Received: shard={shard!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "shard",
+    [
+        (np.int64(1), np.int32(4)),
+        (np.uint8(1), np.int16(4)),
+        np.array([1, 4]),
+        [1, 4],
+    ],
+    ids=["int64-int32", "uint8-int16", "ndarray", "list"],
+)
+def test_numpy_integers_are_accepted_as_shard(shard):
+    ds = LoaderDataset(identity, np.arange(20), batch_size=2, shard=shard)
     assert ds.shard == (1, 4)
     assert [type(v) for v in ds.shard] == [int, int]
 
