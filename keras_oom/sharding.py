@@ -94,11 +94,23 @@ def auto_shard() -> tuple[int, int]:
 
 
 def _tensorflow_shard(tf: Any) -> tuple[int, int] | None:
+    """This task's shard under a TensorFlow multi-worker strategy, if any.
+
+    TensorFlow's own numbering (`multi_worker_util.id_in_cluster` and
+    `worker_count`): the chief, if there is one, trains too and is worker
+    0; worker `i` comes after it, at `i + len(chief)`. An evaluator (and a
+    parameter server) is not part of the training cluster, so it reads
+    everything, as one process does.
+    """
     strategy = tf.distribute.get_strategy()
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "task_type", None):
+    task_type = getattr(resolver, "task_type", None)
+    if resolver is None or task_type not in ("chief", "worker"):
         return None
-    workers = resolver.cluster_spec().as_dict().get(resolver.task_type, [])
-    if len(workers) <= 1:
+    cluster = resolver.cluster_spec().as_dict()
+    chiefs = len(cluster.get("chief", []))
+    count = chiefs + len(cluster.get("worker", []))
+    if count <= 1:
         return None
-    return int(resolver.task_id), len(workers)
+    index = 0 if task_type == "chief" else int(resolver.task_id) + chiefs
+    return index, count
