@@ -117,6 +117,8 @@ def _exit_with_parent(parent_pid: int) -> None:
     A pidfd becomes readable when the process exits, so a thread blocked on
     it wakes at once; where pidfds are missing, poll the parent's pid. Either
     way the worker leaves with `os._exit`, skipping cleanup that could hang.
+    The wait is `poll()`, not `select()`: a process with many open files
+    gets a pidfd numbered 1024 or above, which `select()` refuses.
     """
     try:
         pidfd = os.pidfd_open(parent_pid)
@@ -127,10 +129,15 @@ def _exit_with_parent(parent_pid: int) -> None:
 
     def watch() -> None:
         if pidfd is not None:
-            select.select([pidfd], [], [])
-        else:
-            while os.getppid() == parent_pid or _alive(parent_pid):
-                time.sleep(0.25)
+            try:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                poller.poll()
+                os._exit(1)
+            except (OSError, ValueError):
+                pass  # never leave the worker unwatched: poll the pid below
+        while os.getppid() == parent_pid or _alive(parent_pid):
+            time.sleep(0.25)
         os._exit(1)
 
     threading.Thread(target=watch, name="keras_oom-parent-watch", daemon=True).start()
