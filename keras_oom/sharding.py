@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
+
 from keras_oom.indexing import SHARD_MODES
 
 
@@ -31,7 +33,8 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
     Raises:
         ValueError: For an unknown `shard_mode` or `shard` string, or an
             index out of range.
-        TypeError: For a `shard` that is not a pair of integers.
+        TypeError: For a `shard` that is not a pair of integers (Python
+            or NumPy; bools are refused).
     """
     if shard_mode not in SHARD_MODES:
         raise ValueError(
@@ -48,7 +51,7 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             )
         return auto_shard()
     try:
-        index, count = (operator.index(v) for v in shard)
+        index, count = (_as_int(v) for v in shard)
     except (TypeError, ValueError):
         raise TypeError(
             f"`shard` must be None, 'auto' or a pair of integers (index, count). "
@@ -60,6 +63,13 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             f"Received: shard={shard!r}"
         )
     return index, count
+
+
+def _as_int(value: Any) -> int:
+    # `True` passes `operator.index`, but is never an intended shard number.
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"a bool is not an integer: {value!r}")
+    return operator.index(value)
 
 
 def auto_shard() -> tuple[int, int]:
@@ -84,11 +94,23 @@ def auto_shard() -> tuple[int, int]:
 
 
 def _tensorflow_shard(tf: Any) -> tuple[int, int] | None:
+    """This task's shard under a TensorFlow multi-worker strategy, if any.
+
+    TensorFlow's own numbering (`multi_worker_util.id_in_cluster` and
+    `worker_count`): the chief, if there is one, trains too and is worker
+    0; worker `i` comes after it, at `i + len(chief)`. An evaluator (and a
+    parameter server) is not part of the training cluster, so it reads
+    everything, as one process does.
+    """
     strategy = tf.distribute.get_strategy()
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "task_type", None):
+    task_type = getattr(resolver, "task_type", None)
+    if resolver is None or task_type not in ("chief", "worker"):
         return None
-    workers = resolver.cluster_spec().as_dict().get(resolver.task_type, [])
-    if len(workers) <= 1:
+    cluster = resolver.cluster_spec().as_dict()
+    chiefs = len(cluster.get("chief", []))
+    count = chiefs + len(cluster.get("worker", []))
+    if count <= 1:
         return None
-    return int(resolver.task_id), len(workers)
+    index = 0 if task_type == "chief" else int(resolver.task_id) + chiefs
+    return index, count

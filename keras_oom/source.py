@@ -12,6 +12,7 @@ This module runs in workers too: it imports neither Keras nor a backend.
 from __future__ import annotations
 
 import operator
+import reprlib
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -150,15 +151,36 @@ def as_index(value: Any, name: str) -> int:
 
 
 def _as_sample_ids(sample_ids: Any) -> np.ndarray:
+    def refuse(problem: str) -> ValueError:
+        # One line, and bounded: the ids may be millions long.
+        short = reprlib.Repr()
+        short.maxlevel, short.maxstring, short.maxother = 3, 60, 80
+        short.maxlist = short.maxtuple = short.maxset = short.maxdict = 6
+        received = " ".join(short.repr(sample_ids).split())
+        return ValueError(f"`sample_ids` {problem} Received: sample_ids={received}")
+
+    scalars = (
+        "must be a 1-D array-like with one scalar id (int, str, path, ...) per "
+        "sample, not a ragged or nested sequence."
+    )
     if sample_ids is None:
         raise ValueError("`sample_ids` is required. Received: sample_ids=None")
-    ids = np.asarray(sample_ids)
+    try:
+        ids = np.asarray(sample_ids)
+    except (ValueError, TypeError):
+        # NumPy refuses ragged nesting ("inhomogeneous shape") in its own
+        # words, which do not say which argument was wrong.
+        raise refuse(scalars) from None
     if ids.ndim != 1:
-        raise ValueError(
-            f"`sample_ids` must be 1-D. Received: sample_ids with shape {ids.shape}"
-        )
+        raise refuse(f"must be 1-D: one id per sample, got shape {ids.shape}.")
     if len(ids) == 0:
         raise ValueError("`sample_ids` must not be empty. Received: 0 sample ids")
+    # An object array of sequences is 1-D for NumPy, but its "ids" are
+    # ragged rows, not one id per sample.
+    if ids.dtype == object and any(
+        isinstance(v, (list, tuple, np.ndarray)) for v in ids
+    ):
+        raise refuse(scalars)
     return ids
 
 

@@ -30,11 +30,20 @@ is nothing for a `resource_tracker` to track or warn about.
 
 Small batches, non-array batches and platforms without `memfd_create` take
 the plain path: the whole pickle goes through the socket.
+
+A forked process inherits every mapping of its parent, so a worker forked for
+dataset B would keep dataset A's buffers (and the arrays the user holds)
+alive for its whole life. Every mapping made here is therefore registered,
+and a freshly forked worker calls `forget_inherited_mappings()` first: it
+replaces each one, in place, with private zero pages. `MADV_DONTFORK` in the
+parent would do the same for every child, including a user's own `os.fork()`
+child that may read the arrays it holds.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import mmap
 import os
 import pickle
@@ -54,6 +63,61 @@ _ROUND = 1 << 20  # new buffers are sized up to whole MiB to fit later batches
 _MAX_FREE = 1  # free buffers a worker keeps beyond those lent out
 
 HAS_MEMFD = hasattr(os, "memfd_create")
+
+# Every shared-memory mapping made in this process: mmap -> (address, length).
+# Weak, so that the registry never keeps a mapping alive.
+_MAPPINGS: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]] = (
+    weakref.WeakKeyDictionary()
+)
+_MAP_FIXED = 0x10  # not in the mmap module; this value on Linux, BSD, macOS
+
+
+def _map_shared(fd: int, size: int) -> mmap.mmap:
+    """Maps `size` bytes of the shared-memory file `fd`, and registers it."""
+    mm = mmap.mmap(fd, size)
+    view = ctypes.c_char.from_buffer(mm)
+    _MAPPINGS[mm] = (ctypes.addressof(view), len(mm))
+    del view  # an exported buffer would stop `mm.close()`
+    return mm
+
+
+def forget_inherited_mappings() -> None:
+    """Drops, in a forked child, the shared memory inherited from its parent.
+
+    Each registered mapping still open is replaced in place by private,
+    zero-filled pages (`mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS)`), so
+    the child no longer references the parent's shared-memory files, and
+    the Python objects over them stay valid: arrays read zeros instead of
+    crashing, and closing an `mmap` unmaps the replacement. Call it first
+    thing in a forked worker, before any thread starts.
+
+    Raises:
+        OSError: If the kernel refuses to replace a mapping.
+    """
+    if not _MAPPINGS:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    flags = _MAP_FIXED | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    for mm, (address, length) in list(_MAPPINGS.items()):
+        # A closed mmap's range is no longer ours: it may hold anything now.
+        if mm.closed:
+            continue
+        if libc.mmap(address, length, prot, flags, -1, 0) != address:
+            errno = ctypes.get_errno()
+            raise OSError(
+                errno, f"cannot replace a shared mapping: {os.strerror(errno)}"
+            )
+    _MAPPINGS.clear()
 
 
 class BatchWriter:
@@ -118,7 +182,7 @@ class BatchWriter:
         fd = os.memfd_create("keras_oom_batch", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, capacity)
-            mm = mmap.mmap(fd, capacity)
+            mm = _map_shared(fd, capacity)
         except BaseException:
             os.close(fd)
             raise
@@ -166,7 +230,7 @@ class BatchReader:
         if new_size is not None:
             fd = recv_handle(conn)
             try:
-                self._maps[buffer_id] = mmap.mmap(fd, new_size)
+                self._maps[buffer_id] = _map_shared(fd, new_size)
             finally:
                 os.close(fd)
         owner = np.frombuffer(self._maps[buffer_id], dtype=np.uint8)

@@ -29,10 +29,9 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from keras_oom import seeding
+from keras_oom import seeding, transport
 from keras_oom.protocol import Failed, Loaded, Ready, StartFailed, encode_error
 from keras_oom.source import call_loader
-from keras_oom.transport import BatchWriter
 
 
 def run(
@@ -57,6 +56,9 @@ def run(
     # should react to it, with one clean KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A forked worker inherits the parent's mappings of other workers'
+    # batches (and of closed datasets'): let them go, or they stay pinned.
+    transport.forget_inherited_mappings()
     for fd in inherited_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -84,7 +86,7 @@ def run(
 
 
 def _serve(conn: Connection, loader: Any) -> None:
-    writer = BatchWriter()
+    writer = transport.BatchWriter()
     wants_rng = seeding.accepts_rng(loader)
     while True:
         request = conn.recv()
@@ -115,6 +117,8 @@ def _exit_with_parent(parent_pid: int) -> None:
     A pidfd becomes readable when the process exits, so a thread blocked on
     it wakes at once; where pidfds are missing, poll the parent's pid. Either
     way the worker leaves with `os._exit`, skipping cleanup that could hang.
+    The wait is `poll()`, not `select()`: a process with many open files
+    gets a pidfd numbered 1024 or above, which `select()` refuses.
     """
     try:
         pidfd = os.pidfd_open(parent_pid)
@@ -125,10 +129,15 @@ def _exit_with_parent(parent_pid: int) -> None:
 
     def watch() -> None:
         if pidfd is not None:
-            select.select([pidfd], [], [])
-        else:
-            while os.getppid() == parent_pid or _alive(parent_pid):
-                time.sleep(0.25)
+            try:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                poller.poll()
+                os._exit(1)
+            except (OSError, ValueError):
+                pass  # never leave the worker unwatched: poll the pid below
+        while os.getppid() == parent_pid or _alive(parent_pid):
+            time.sleep(0.25)
         os._exit(1)
 
     threading.Thread(target=watch, name="keras_oom-parent-watch", daemon=True).start()

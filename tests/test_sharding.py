@@ -241,10 +241,31 @@ def test_shard_not_a_pair_of_integers(cls, shard):
         cls(identity, np.arange(20), batch_size=2, shard=shard)
 
 
-def test_numpy_integers_are_accepted_as_shard():
-    ds = LoaderDataset(
-        identity, np.arange(20), batch_size=2, shard=(np.int64(1), np.int32(4))
-    )
+@BOTH
+@pytest.mark.parametrize(
+    "shard",
+    [(True, 2), (0, True), (False, True), (np.bool_(True), 2), (1, np.bool_(True))],
+    ids=repr,
+)
+def test_bools_are_not_shard_integers(cls, shard):
+    """`True` is an int to Python and NumPy, but never an intended index."""
+    with pytest.raises(TypeError, match=r"`shard`.*pair of integers") as info:
+        cls(identity, np.arange(20), batch_size=2, shard=shard)
+    assert f"Received: shard={shard!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "shard",
+    [
+        (np.int64(1), np.int32(4)),
+        (np.uint8(1), np.int16(4)),
+        np.array([1, 4]),
+        [1, 4],
+    ],
+    ids=["int64-int32", "uint8-int16", "ndarray", "list"],
+)
+def test_numpy_integers_are_accepted_as_shard(shard):
+    ds = LoaderDataset(identity, np.arange(20), batch_size=2, shard=shard)
     assert ds.shard == (1, 4)
     assert [type(v) for v in ds.shard] == [int, int]
 
@@ -313,26 +334,93 @@ def test_auto_reads_the_jax_process(monkeypatch):
     assert len(ds) == 5
 
 
-def test_auto_reads_a_tensorflow_multi_worker_strategy(monkeypatch):
-    """Without a JAX cluster, a TF multi-worker cluster resolver decides."""
+def fake_tensorflow(monkeypatch, cluster, task_type, task_id):
+    """Installs a stand-in `tensorflow` whose strategy has a cluster resolver.
+
+    TensorFlow is not installed in the test environment; `auto_shard` only
+    reads `tf.distribute.get_strategy().cluster_resolver`.
+    """
     jax = sys.modules.get("jax")
-    if jax is not None:
+    if jax is not None:  # no JAX cluster: TensorFlow decides
         monkeypatch.setattr(jax, "process_count", lambda: 1)
     resolver = types.SimpleNamespace(
-        task_type="worker",
-        task_id=1,
-        cluster_spec=lambda: types.SimpleNamespace(
-            as_dict=lambda: {"worker": ["a:1", "b:1", "c:1"], "chief": ["d:1"]}
-        ),
+        task_type=task_type,
+        task_id=task_id,
+        cluster_spec=lambda: types.SimpleNamespace(as_dict=lambda: cluster),
     )
     strategy = types.SimpleNamespace(cluster_resolver=resolver)
     fake_tf = types.SimpleNamespace(
         distribute=types.SimpleNamespace(get_strategy=lambda: strategy)
     )
     monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
-    assert auto_shard() == (1, 3)
-    # A strategy without a cluster (the default one) is one process.
+    return strategy
+
+
+CHIEF_AND_3 = {"chief": ["d:1"], "worker": ["a:1", "b:1", "c:1"]}
+EVALUATED = {**CHIEF_AND_3, "evaluator": ["e:1"]}
+WORKERS_ONLY = {"worker": ["a:1", "b:1", "c:1"]}
+
+
+@pytest.mark.parametrize(
+    ("cluster", "task_type", "task_id", "expected"),
+    [
+        # TensorFlow counts the chief as worker 0 (multi_worker_util.id_in_cluster)
+        (CHIEF_AND_3, "chief", 0, (0, 4)),
+        (CHIEF_AND_3, "worker", 0, (1, 4)),
+        (CHIEF_AND_3, "worker", 1, (2, 4)),
+        (CHIEF_AND_3, "worker", 2, (3, 4)),
+        # without a chief, worker 0 leads and the workers are the cluster
+        (WORKERS_ONLY, "worker", 1, (1, 3)),
+        # an evaluator does not train: it reads everything
+        (EVALUATED, "evaluator", 0, (0, 1)),
+        (EVALUATED, "worker", 2, (3, 4)),
+        # a parameter server reads no data of its own
+        ({**CHIEF_AND_3, "ps": ["p:1", "q:1"]}, "ps", 1, (0, 1)),
+        # a chief alone is one process
+        ({"chief": ["d:1"]}, "chief", 0, (0, 1)),
+    ],
+    ids=[
+        "chief",
+        "worker0",
+        "worker1",
+        "worker2",
+        "no-chief-worker1",
+        "evaluator",
+        "worker2-with-evaluator",
+        "ps",
+        "chief-alone",
+    ],
+)
+def test_auto_reads_a_tensorflow_multi_worker_strategy(
+    monkeypatch, cluster, task_type, task_id, expected
+):
+    fake_tensorflow(monkeypatch, cluster, task_type, task_id)
+    assert auto_shard() == expected
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [CHIEF_AND_3, EVALUATED, WORKERS_ONLY],
+    ids=["chief-and-3", "with-evaluator", "workers-only"],
+)
+def test_tensorflow_training_tasks_get_disjoint_shards(monkeypatch, cluster):
+    """Every chief and worker gets its own shard; together they cover all."""
+    seen = []
+    for task_type in ("chief", "worker"):
+        for task_id in range(len(cluster.get(task_type, []))):
+            fake_tensorflow(monkeypatch, cluster, task_type, task_id)
+            seen.append(auto_shard())
+    count = len(cluster.get("chief", [])) + len(cluster["worker"])
+    assert sorted(seen) == [(i, count) for i in range(count)]
+
+
+def test_auto_without_a_tensorflow_cluster_is_one_process(monkeypatch):
+    # The default strategy has no cluster resolver.
+    strategy = fake_tensorflow(monkeypatch, WORKERS_ONLY, "worker", 1)
     strategy.cluster_resolver = None
+    assert auto_shard() == (0, 1)
+    # A resolver outside a cluster has no task type.
+    fake_tensorflow(monkeypatch, {}, None, None)
     assert auto_shard() == (0, 1)
 
 

@@ -21,7 +21,7 @@ import _procs
 import numpy as np
 import pytest
 
-from keras_oom import PrefetchLoaderDataset
+from keras_oom import PrefetchLoaderDataset, transport
 from keras_oom.protocol import Loaded
 from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWriter
 
@@ -194,6 +194,82 @@ def test_no_mapping_outlives_the_reader_and_its_arrays():
     del ch, batches
     gc.collect()
     assert memfd_mappings() == []
+
+
+def in_forked_child(check) -> str:
+    """Runs `check()` in a forked child; returns the text it returned.
+
+    The child reports through a pipe and leaves with `os._exit`, so nothing
+    of pytest runs there. A crash (a segfault on touching a forgotten
+    mapping) shows up as the child's signal, not as a hang.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            try:
+                text = check()
+            except BaseException as e:
+                text = f"ERROR {type(e).__name__}: {e}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"child died of signal {os.WTERMSIG(status)}"
+    return text
+
+
+@pytest.mark.timeout(30)
+def test_forked_worker_forgets_the_parents_shared_memory(channel):
+    """A worker forked later must not pin the memory of batches read earlier.
+
+    Covers a mapping the reader still holds, one only a caller's array holds
+    (the reader is gone), and the writer's own buffers.
+    """
+    _, held = channel.roundtrip(np.full((256, 1024), 3.0, np.float32))
+    _, orphan = channel.roundtrip(np.full((256, 1024), 5.0, np.float32))
+    channel.reader = BatchReader()  # `orphan` alone keeps its mapping now
+    gc.collect()
+    assert in_memfd(held) and in_memfd(orphan)
+    # Without forgetting, a forked child holds every one of them.
+    inherited = in_forked_child(lambda: str(len(memfd_mappings())))
+    assert int(inherited) == len(memfd_mappings()) >= 3  # writer's and reader's
+
+    def check():
+        transport.forget_inherited_mappings()
+        left = memfd_mappings()
+        # Touching the forgotten memory reads zeros; it must not crash.
+        zeros = not held.any() and not orphan.any() and held.shape == (256, 1024)
+        held[0, 0] = 1.0  # and writes stay in the child
+        return f"{len(left)} {zeros}"
+
+    assert in_forked_child(check) == "0 True"
+    # The parent's batches and mappings are untouched.
+    assert (held == 3.0).all() and (orphan == 5.0).all()
+    assert in_memfd(held) and in_memfd(orphan)
+    # And the parent keeps working through the same buffers.
+    _, later = channel.roundtrip(np.full((256, 1024), 9.0, np.float32))
+    assert (later == 9.0).all() and in_memfd(later)
+
+
+@pytest.mark.timeout(30)
+def test_forgetting_mappings_already_gone_is_a_no_op():
+    ch = Channel()
+    ch.roundtrip(np.ones((256, 1024), np.float32))
+    ch.writer.release([0])
+    ch.close()
+    del ch
+    gc.collect()
+
+    def check():
+        result = transport.forget_inherited_mappings()
+        return f"{result} {len(memfd_mappings())}"
+
+    assert in_forked_child(check) == "None 0"
 
 
 @pytest.mark.timeout(90)
