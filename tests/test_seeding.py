@@ -19,7 +19,7 @@ import sys
 import cloudpickle
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import keras_oom.seeding
