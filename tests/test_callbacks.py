@@ -1,0 +1,241 @@
+"""SyncEpoch: training epoch `e` reads epoch `e` of the dataset, however started.
+
+Without it a dataset's epoch follows Keras's `on_epoch_end` calls, which
+outnumber the training epochs (the build peek on JAX and torch, the reset
+before every fit, evaluate), so a run resumed with `initial_epoch` reads other
+batches than the uninterrupted one. These tests record which sample ids each
+training epoch reads.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_oom import LoaderDataset, SyncEpoch
+
+pytestmark = pytest.mark.timeout(60)
+
+IDS = np.arange(24)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Names the Keras epoch that the loader's reads belong to."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = None  # None: a read outside a training epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = None
+
+
+def recording_dataset(recorder, reads, **kwargs):
+    def loader(ids):
+        reads.append((recorder.epoch, tuple(ids.tolist())))
+        return ids.astype("float32")[:, None] / 24.0
+
+    cfg = {"batch_size": 6, "shuffle": True, "seed": 11, **kwargs}
+    return LoaderDataset(loader, IDS, (IDS % 3) * 1.0, **cfg)
+
+
+def model():
+    m = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    m.compile(optimizer="sgd", loss="mse")
+    return m
+
+
+def by_epoch(reads):
+    out = {}
+    for epoch, ids in reads:
+        if epoch is not None:
+            out.setdefault(epoch, []).append(ids)
+    return out
+
+
+def expected_epoch(epoch, **kwargs):
+    ref = recording_dataset(Recorder(), [], **kwargs)
+    ref.set_epoch(epoch)
+    return [tuple(ref.batch_ids(i).tolist()) for i in range(len(ref))]
+
+
+# -- construction -----------------------------------------------------------------
+
+
+def test_needs_at_least_one_dataset():
+    with pytest.raises(TypeError, match="at least one dataset"):
+        SyncEpoch()
+
+
+@pytest.mark.parametrize("bad", [None, np.arange(3), "train", [1, 2]])
+def test_rejects_an_argument_without_set_epoch(bad):
+    ds = LoaderDataset(lambda ids: ids, IDS, batch_size=4)
+    with pytest.raises(TypeError, match=r"datasets\[1\]=.*of type"):
+        SyncEpoch(ds, bad)
+
+
+def test_is_a_keras_callback():
+    ds = LoaderDataset(lambda ids: ids, IDS, batch_size=4)
+    assert isinstance(SyncEpoch(ds), keras.callbacks.Callback)
+
+
+def test_sets_every_dataset_to_the_keras_epoch():
+    a = LoaderDataset(lambda ids: ids, IDS, batch_size=4)
+    b = LoaderDataset(lambda ids: ids, IDS, batch_size=4)
+    b.set_epoch(9)
+    cb = SyncEpoch(a, b)
+    cb.on_train_begin()
+    cb.on_epoch_begin(3)
+    assert (a.epoch, b.epoch) == (3, 3)
+
+
+# -- in fit ------------------------------------------------------------------------
+
+
+def test_training_epoch_e_reads_dataset_epoch_e():
+    rec, reads = Recorder(), []
+    train = recording_dataset(rec, reads)
+    model().fit(
+        train, epochs=3, shuffle=False, verbose=0, callbacks=[SyncEpoch(train), rec]
+    )
+    got = by_epoch(reads)
+    assert sorted(got) == [0, 1, 2]
+    for e in range(3):
+        assert got[e] == expected_epoch(e), e
+    assert train.epoch == 3
+
+
+def test_without_sync_epoch_the_first_fit_is_off_by_the_build_peek():
+    # What SyncEpoch fixes: on JAX and torch the build peek and fit's reset
+    # each end a dataset epoch (see docs/randomness.md), so training epoch 0
+    # does not read dataset epoch 0. Shows this test file would notice.
+    rec, reads = Recorder(), []
+    train = recording_dataset(rec, reads)
+    model().fit(train, epochs=1, shuffle=False, verbose=0, callbacks=[rec])
+    assert by_epoch(reads)[0] != expected_epoch(0)
+
+
+def test_initial_epoch_reads_what_the_uninterrupted_run_read():
+    rec, reads = Recorder(), []
+    full = recording_dataset(rec, reads)
+    model().fit(
+        full, epochs=4, shuffle=False, verbose=0, callbacks=[SyncEpoch(full), rec]
+    )
+    rec2, resumed_reads = Recorder(), []
+    resumed = recording_dataset(rec2, resumed_reads)
+    model().fit(
+        resumed,
+        epochs=4,
+        initial_epoch=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SyncEpoch(resumed), rec2],
+    )
+    full_epochs, resumed_epochs = by_epoch(reads), by_epoch(resumed_reads)
+    assert sorted(resumed_epochs) == [2, 3]
+    for e in (2, 3):
+        assert resumed_epochs[e] == full_epochs[e], e
+
+
+def test_evaluate_between_fits_does_not_move_the_order():
+    rec, reads = Recorder(), []
+    train = recording_dataset(rec, reads)
+    m = model()
+    sync = SyncEpoch(train)
+    m.fit(train, epochs=1, shuffle=False, verbose=0, callbacks=[sync, rec])
+    m.evaluate(train, verbose=0)
+    m.evaluate(train, verbose=0)
+    m.fit(
+        train,
+        epochs=2,
+        initial_epoch=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[sync, rec],
+    )
+    assert by_epoch(reads)[1] == expected_epoch(1)
+
+
+def run_with_validation(initial_epoch):
+    rec, reads = Recorder(), []
+    train = recording_dataset(rec, [])
+    val = recording_dataset(rec, reads, seed=5)
+    model().fit(
+        train,
+        validation_data=val,
+        epochs=3,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SyncEpoch(train, val), rec],
+    )
+    return by_epoch(reads)
+
+
+def test_validation_dataset_resumes_on_the_same_batches():
+    # Validation runs inside training epoch e, after its batches. Which epoch
+    # of the validation dataset it reads depends on the on_epoch_end calls
+    # evaluate makes before reading (see docs/randomness.md), but it is the
+    # same in a resumed run.
+    full, resumed = run_with_validation(0), run_with_validation(1)
+    assert sorted(resumed) == [1, 2]
+    for e in (1, 2):
+        assert resumed[e] == full[e], e
+    assert full[1] != full[2]  # the validation order does follow the epoch
+
+
+def test_endless_dataset_resumes_on_the_same_batches():
+    rec, reads = Recorder(), []
+    full = recording_dataset(rec, reads, repeat=True)
+    steps = full.batches_per_epoch
+    model().fit(
+        full,
+        epochs=3,
+        steps_per_epoch=steps,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SyncEpoch(full), rec],
+    )
+    rec2, resumed_reads = Recorder(), []
+    resumed = recording_dataset(rec2, resumed_reads, repeat=True)
+    model().fit(
+        resumed,
+        epochs=3,
+        initial_epoch=1,
+        steps_per_epoch=steps,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SyncEpoch(resumed), rec2],
+    )
+    full_epochs, resumed_epochs = by_epoch(reads), by_epoch(resumed_reads)
+    assert full_epochs[2] == expected_epoch(2)  # not epoch 4: set only once
+    for e in (1, 2):
+        assert resumed_epochs[e] == full_epochs[e], e
+
+
+def test_endless_dataset_with_other_steps_per_epoch_warns():
+    train = recording_dataset(Recorder(), [], repeat=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model().fit(
+            train,
+            epochs=1,
+            steps_per_epoch=train.batches_per_epoch - 1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[SyncEpoch(train)],
+        )
+    assert any("steps_per_epoch equals" in str(w.message) for w in caught)
+
+
+def test_docstring_example_runs():
+    doc = SyncEpoch.__doc__
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(textwrap.dedent(code), "SyncEpoch.__doc__", "exec"), {})
