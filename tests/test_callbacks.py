@@ -24,11 +24,15 @@ IDS = np.arange(24)
 
 
 class Recorder(keras.callbacks.Callback):
-    """Names the Keras epoch that the loader's reads belong to."""
+    """Names the Keras epoch that a dataset's reads belong to."""
 
     def __init__(self):
         super().__init__()
-        self.epoch = None  # None: a read outside a training epoch
+        self.epoch = None  # None: outside a training epoch
+        self.training = False
+
+    def on_train_begin(self, logs=None):
+        self.training = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -37,13 +41,45 @@ class Recorder(keras.callbacks.Callback):
         self.epoch = None
 
 
-def recording_dataset(recorder, reads, **kwargs):
-    def loader(ids):
-        reads.append((recorder.epoch, tuple(ids.tolist())))
-        return ids.astype("float32")[:, None] / 24.0
+class RecordingDataset(LoaderDataset):
+    """Logs the ids of every batch Keras reads inside one of the dataset's passes.
 
-    cfg = {"batch_size": 6, "shuffle": True, "seed": 11, **kwargs}
-    return LoaderDataset(loader, IDS, (IDS % 3) * 1.0, **cfg)
+    A pass runs from the dataset's `on_epoch_begin` to its `on_epoch_end`.
+    Reads outside a pass (TensorFlow's shape inference) are not logged in
+    `reads`: on TensorFlow, tf.data reads ahead in a thread, so the time of a
+    read does not say which epoch trains on it, but the pass does. `stream`
+    logs every read after `on_train_begin`, in order.
+    """
+
+    def __init__(self, recorder, reads, **kwargs):
+        cfg = {"batch_size": 6, "shuffle": True, "seed": 11, **kwargs}
+        super().__init__(_load, IDS, (IDS % 3) * 1.0, **cfg)
+        self.recorder, self.reads, self.stream = recorder, reads, []
+        self.in_pass = False
+
+    def on_epoch_begin(self):
+        self.in_pass = True
+        super().on_epoch_begin()
+
+    def on_epoch_end(self):
+        self.in_pass = False
+        super().on_epoch_end()
+
+    def __getitem__(self, index):
+        ids = tuple(self.batch_ids(index).tolist())
+        if self.in_pass:
+            self.reads.append((self.recorder.epoch, ids))
+        if self.recorder.training:
+            self.stream.append(ids)
+        return super().__getitem__(index)
+
+
+def _load(ids):
+    return ids.astype("float32")[:, None] / 24.0
+
+
+def recording_dataset(recorder, reads, **kwargs):
+    return RecordingDataset(recorder, reads, **kwargs)
 
 
 def model():
@@ -113,9 +149,9 @@ def test_training_epoch_e_reads_dataset_epoch_e():
 
 
 def test_without_sync_epoch_the_first_fit_is_off_by_the_build_peek():
-    # What SyncEpoch fixes: on JAX and torch the build peek and fit's reset
-    # each end a dataset epoch (see docs/randomness.md), so training epoch 0
-    # does not read dataset epoch 0. Shows this test file would notice.
+    # What SyncEpoch fixes: on every backend fit ends a dataset epoch before
+    # its first training epoch (see docs/randomness.md), so training epoch 0
+    # does not read dataset epoch 0. Shows that these tests would notice.
     rec, reads = Recorder(), []
     train = recording_dataset(rec, reads)
     model().fit(train, epochs=1, shuffle=False, verbose=0, callbacks=[rec])
@@ -192,9 +228,14 @@ def test_validation_dataset_resumes_on_the_same_batches():
 
 
 def test_endless_dataset_resumes_on_the_same_batches():
-    rec, reads = Recorder(), []
-    full = recording_dataset(rec, reads, repeat=True)
+    # Keras reads an endless dataset through one iterator for the whole fit
+    # (index i is batch i % B of epoch epoch + i // B), so SyncEpoch sets it
+    # only as the fit's first epoch begins. Compared as streams of reads:
+    # tf.data reads ahead across Keras epochs.
+    full = recording_dataset(Recorder(), [], repeat=True)
     steps = full.batches_per_epoch
+    rec = Recorder()
+    full.recorder = rec
     model().fit(
         full,
         epochs=3,
@@ -203,8 +244,9 @@ def test_endless_dataset_resumes_on_the_same_batches():
         verbose=0,
         callbacks=[SyncEpoch(full), rec],
     )
-    rec2, resumed_reads = Recorder(), []
-    resumed = recording_dataset(rec2, resumed_reads, repeat=True)
+    resumed = recording_dataset(Recorder(), [], repeat=True)
+    rec2 = Recorder()
+    resumed.recorder = rec2
     model().fit(
         resumed,
         epochs=3,
@@ -214,10 +256,9 @@ def test_endless_dataset_resumes_on_the_same_batches():
         verbose=0,
         callbacks=[SyncEpoch(resumed), rec2],
     )
-    full_epochs, resumed_epochs = by_epoch(reads), by_epoch(resumed_reads)
-    assert full_epochs[2] == expected_epoch(2)  # not epoch 4: set only once
-    for e in (1, 2):
-        assert resumed_epochs[e] == full_epochs[e], e
+    expected = [b for e in range(3) for b in expected_epoch(e)]
+    assert full.stream[: 3 * steps] == expected  # not epochs 0, 2, 4: set once
+    assert resumed.stream[: 2 * steps] == expected[steps:]
 
 
 def test_endless_dataset_with_other_steps_per_epoch_warns():
