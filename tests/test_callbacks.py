@@ -148,7 +148,7 @@ def test_training_epoch_e_reads_dataset_epoch_e():
     assert train.epoch == 3
 
 
-def test_without_sync_epoch_the_first_fit_is_off_by_the_build_peek():
+def test_without_sync_epoch_the_first_fit_is_off_by_one():
     # What SyncEpoch fixes: on every backend fit ends a dataset epoch before
     # its first training epoch (see docs/randomness.md), so training epoch 0
     # does not read dataset epoch 0. Shows that these tests would notice.
