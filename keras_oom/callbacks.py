@@ -1,4 +1,9 @@
-"""`SyncEpoch`: a Keras callback that keeps datasets on Keras's epoch index.
+"""Following Keras's epochs: the `SyncEpoch` callback and `TrainingPasses`.
+
+`SyncEpoch` sets datasets to Keras's epoch index as each training epoch
+begins. `TrainingPasses` lets a dataset tell, from inside its
+`on_epoch_begin` / `on_epoch_end`, which of Keras's calls close a training
+epoch, so that its own epoch count can advance once per training epoch.
 
 Kept apart from the package's top level because it imports Keras, which
 worker processes must never do.
@@ -6,7 +11,9 @@ worker processes must never do.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import keras
@@ -121,3 +128,72 @@ class SyncEpoch(keras.callbacks.Callback):
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Keras methods whose on_epoch_end calls never close a training epoch: the
+# build peek (`_symbolic_build`, TensorFlow's `_maybe_symbolic_build`),
+# evaluate (also fit's validation) and predict.
+_NOT_TRAINING = frozenset(
+    {"evaluate", "predict", "_symbolic_build", "_maybe_symbolic_build"}
+)
+
+
+class TrainingPasses:
+    """Tells which of Keras's `on_epoch_end` calls close a training epoch.
+
+    Keras calls a `PyDataset`'s `on_epoch_end` more often than there are
+    training epochs: `fit` calls it once before its first epoch (its
+    iterator's `reset()`), after a one-batch peek to build the model on JAX
+    and torch; `evaluate` calls it before and after reading; `predict` after.
+    A dataset that calls `begin()` in `on_epoch_begin` and advances its
+    epoch only when `end()` in `on_epoch_end` returns True counts exactly
+    the training epochs, on JAX, torch and TensorFlow alike.
+
+    The rule: `end()` is True when
+    - the call comes from `Model.fit`, and an `on_epoch_begin` from
+      `Model.fit` (a training epoch's) came since the last True (fit's
+      `reset()` before the first epoch has none; an epoch cut short by
+      `stop_training` counts at the next `fit`'s `reset()`);
+    - or it comes from outside any `keras.Model` method (a hand-written
+      loop calling `on_epoch_end()`);
+    - or it comes from a `keras.Model` method this rule does not know (a
+      custom trainer): advancing too often keeps the data shuffled, never
+      advancing would freeze it.
+    It is False inside `evaluate`, `predict` and the build peek.
+
+    Which Keras method is calling is read from the Python stack: the
+    innermost frame whose `self` is a `keras.Model`. The hooks run on the
+    trainer's thread in Keras 3 (verified on 3.15 for all three backends).
+    """
+
+    def __init__(self) -> None:
+        self._pending = False  # a training epoch began and has not counted
+
+    def begin(self) -> None:
+        """Call from the dataset's `on_epoch_begin`."""
+        if _keras_caller(sys._getframe(1)) == "fit":
+            self._pending = True
+
+    def end(self) -> bool:
+        """Call from the dataset's `on_epoch_end`; True: advance the epoch."""
+        caller = _keras_caller(sys._getframe(1))
+        if caller in _NOT_TRAINING:
+            return False
+        if caller == "fit" and not self._pending:
+            return False
+        self._pending = False
+        return True
+
+    def reset(self) -> None:
+        """Forgets a pending training epoch, e.g. after `set_epoch`."""
+        self._pending = False
+
+
+def _keras_caller(frame: FrameType | None) -> str | None:
+    """The name of the innermost `keras.Model` method on the stack, or None."""
+    model_class = keras.Model
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), model_class):
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return None

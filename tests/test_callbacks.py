@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from keras_oom import LoaderDataset, SyncEpoch
+from keras_oom.callbacks import TrainingPasses
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -280,3 +281,99 @@ def test_docstring_example_runs():
     doc = SyncEpoch.__doc__
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(textwrap.dedent(code), "SyncEpoch.__doc__", "exec"), {})
+
+
+# -- TrainingPasses: the dataset's own count, once per training epoch ----------
+
+
+class Counted(RecordingDataset):
+    """A dataset whose epoch advances only when `TrainingPasses` says so."""
+
+    def __init__(self, recorder, reads, **kwargs):
+        super().__init__(recorder, reads, **kwargs)
+        self.passes = TrainingPasses()
+
+    def on_epoch_begin(self):
+        self.passes.begin()
+        super().on_epoch_begin()
+
+    def on_epoch_end(self):
+        if self.passes.end():
+            super().on_epoch_end()
+        else:
+            self.in_pass = False
+
+
+def unbuilt_model():
+    # No Input: JAX and torch read a batch to build it (the "peek").
+    m = keras.Sequential([keras.layers.Dense(1)])
+    m.compile(optimizer="sgd", loss="mse")
+    return m
+
+
+@pytest.mark.parametrize("make_model", [model, unbuilt_model])
+def test_count_advances_once_per_training_epoch(make_model):
+    rec, reads = Recorder(), []
+    train = Counted(rec, reads)
+    m = make_model()
+    m.fit(train, epochs=2, shuffle=False, verbose=0, callbacks=[rec])
+    assert train.epoch == 2
+    got = by_epoch(reads)
+    assert got[0] == expected_epoch(0) and got[1] == expected_epoch(1)
+    m.evaluate(train, verbose=0)
+    m.predict(train, verbose=0)
+    assert train.epoch == 2  # evaluate and predict leave it alone
+    reads.clear()
+    m.fit(train, epochs=1, shuffle=False, verbose=0, callbacks=[rec])
+    assert train.epoch == 3
+    assert by_epoch(reads)[0] == expected_epoch(2)
+
+
+def test_validation_on_the_training_dataset_does_not_count():
+    rec = Recorder()
+    train = Counted(rec, [])
+    model().fit(
+        train,
+        validation_data=train,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[rec],
+    )
+    assert train.epoch == 3
+
+
+def test_an_epoch_cut_short_counts_at_the_next_fit():
+    class StopAtBatch1(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                self.model.stop_training = True
+
+    rec = Recorder()
+    train = Counted(rec, [])
+    m = model()
+    m.fit(train, epochs=3, shuffle=False, verbose=0, callbacks=[StopAtBatch1()])
+    m.evaluate(train, verbose=0)
+    assert train.epoch == 0
+    m.fit(train, epochs=1, shuffle=False, verbose=0)
+    assert train.epoch == 2  # the cut epoch, then this fit's
+
+
+def test_a_hand_written_loop_advances_on_every_end():
+    train = Counted(Recorder(), [])
+    for _ in range(3):
+        train.on_epoch_begin()
+        train.on_epoch_end()
+    assert train.epoch == 3
+
+
+def test_an_unknown_model_method_advances():
+    # A custom trainer: advancing too often keeps shuffling; never would not.
+    class Custom(keras.Sequential):
+        def my_loop(self, ds):
+            ds.on_epoch_begin()
+            ds.on_epoch_end()
+
+    train = Counted(Recorder(), [])
+    Custom([keras.Input((1,)), keras.layers.Dense(1)]).my_loop(train)
+    assert train.epoch == 1
