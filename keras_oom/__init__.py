@@ -2,18 +2,26 @@
 
 `LoaderDataset` loads each batch with your loader function; its subclass
 `PrefetchLoaderDataset` loads ahead in a fixed pool of worker processes.
+`SyncEpoch` is a Keras callback that keeps datasets on Keras's epoch index,
+so that resumed runs read the same data.
 
-The dataset classes are imported on first use, so that worker processes,
-which import this package but never Keras, start quickly.
+The dataset classes and `SyncEpoch` are imported on first use, so that
+worker processes, which import this package but never Keras, start quickly.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
+from keras_oom.errors import (
+    DatasetClosedError,
+    WorkerDiedError,
+    WorkerStartError,
+    WorkerTimeoutError,
+)
 
 if TYPE_CHECKING:
+    from keras_oom.callbacks import SyncEpoch
     from keras_oom.dataset import LoaderDataset
     from keras_oom.prefetch import PrefetchLoaderDataset
 
@@ -21,7 +29,9 @@ __all__ = [
     "DatasetClosedError",
     "LoaderDataset",
     "PrefetchLoaderDataset",
+    "SyncEpoch",
     "WorkerDiedError",
+    "WorkerStartError",
     "WorkerTimeoutError",
 ]
 __version__ = "0.1.0"
@@ -29,6 +39,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoaderDataset": "keras_oom.dataset",
     "PrefetchLoaderDataset": "keras_oom.prefetch",
+    "SyncEpoch": "keras_oom.callbacks",
 }
 
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_oom import seeding
+from keras_oom.callbacks import TrainingPasses
 from keras_oom.protocol import add_note, describe_ids
 from keras_oom.source import BatchSource, Targets, as_index, call_loader
 
@@ -144,6 +145,7 @@ class LoaderDataset(keras.utils.PyDataset):
         self._plan = self._source.plan
         self._repeat = bool(repeat)
         self._epoch = 0
+        self._passes = TrainingPasses()
 
     # -- what Keras reads ---------------------------------------------------
 
@@ -186,13 +188,21 @@ class LoaderDataset(keras.utils.PyDataset):
             raise
         return self._source.with_targets(x, epoch, batch)
 
-    def on_epoch_end(self) -> None:
-        """Advances to the next epoch's order (a no-op with `repeat=True`).
+    def on_epoch_begin(self) -> None:
+        """Notes that Keras begins a pass over the data."""
+        self._passes.begin()
 
-        Keras calls this after every pass over the data (`fit` epochs, and
-        `evaluate` / `predict` runs).
+    def on_epoch_end(self) -> None:
+        """Advances to the next epoch's order once per training epoch.
+
+        Keras calls this after every pass over the data: `fit`'s epochs,
+        but also once before training (after reading a batch to build the
+        model), and around every `evaluate` and `predict`. Only the end of
+        a training epoch, or a call from your own loop, advances `epoch`
+        (see `keras_oom.callbacks.TrainingPasses`); with `repeat=True` it
+        never does, as index `i` already names its epoch.
         """
-        if not self._repeat:
+        if self._passes.end() and not self._repeat:
             self._epoch += 1
 
     # -- public helpers -----------------------------------------------------
@@ -237,6 +247,7 @@ class LoaderDataset(keras.utils.PyDataset):
         if epoch < 0:
             raise ValueError(f"`epoch` must be >= 0. Received: epoch={epoch}")
         self._epoch = epoch
+        self._passes.reset()
 
     @property
     def epoch(self) -> int:

@@ -232,8 +232,10 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def on_epoch_end(self) -> None:
         with self._lock:
+            before = self._epoch
             super().on_epoch_end()
-            self._restart_window()
+            if self._epoch != before:
+                self._restart_window()
 
     def set_epoch(self, epoch: int) -> None:
         with self._lock:

@@ -140,7 +140,9 @@ class RecordingDataset(PrefetchLoaderDataset):
 
 @pytest.mark.timeout(180)
 def test_in_order_fit_loads_each_batch_once_without_warning(data, tmp_path):
-    """fit(shuffle=False) reads in order: no warning, no batch loaded twice."""
+    """fit(shuffle=False) reads in order: no warning, no batch loaded twice;
+    training epoch e reads the dataset's epoch e, and evaluate / predict
+    afterwards read the next epoch without advancing it."""
     paths, _, y = data
     log_dir = tmp_path / "calls"
     log_dir.mkdir()
@@ -157,32 +159,37 @@ def test_in_order_fit_loads_each_batch_once_without_warning(data, tmp_path):
     with closing(ds), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(ds, epochs=3, shuffle=False, verbose=0)
+        fit_loads = logged_batches(log_dir)
+        fit_requests = list(ds.requests)
+        fit_stats = ds.stats()
+        assert ds.epoch == 3
         model.evaluate(ds, verbose=0)
         model.predict(ds, verbose=0)
-        stats = ds.stats()
+        assert ds.epoch == 3  # evaluate and predict do not advance it
     assert out_of_order_warnings(caught) == []
-    loads = logged_batches(log_dir)
-    twice = {batch: n for batch, n in loads.items() if n > 1}
+    twice = {batch: n for batch, n in fit_loads.items() if n > 1}
     assert not twice, f"batches loaded more than once: {twice}"
-    # Every batch Keras asked for was loaded (once, as above). Which epochs
-    # those are is Keras's business: its first fit reads one batch to build
-    # the loss and then ends that epoch; evaluate ends one before reading.
     reference = LoaderDataset(
         make_loader(), paths, batch_size=BATCH, shuffle=True, seed=3
     )
-    requested = set(ds.requests)
-    full_epochs = {
-        e for e, _ in requested if all((e, i) in requested for i in range(len(ds)))
-    }
-    assert len(full_epochs) >= 5  # 3 of fit, 1 of evaluate, 1 of predict
+    requested = set(fit_requests)
+    for epoch in range(3):  # every training epoch read all of its batches
+        assert all((epoch, i) in requested for i in range(len(ds))), epoch
+    assert {e for e, _ in requested} == {0, 1, 2}
     for epoch, index in sorted(requested):
         reference.set_epoch(epoch)
         names = tuple(Path(p).stem for p in reference.batch_ids(index))
-        assert names in loads, (epoch, index)
+        assert names in fit_loads, (epoch, index)
     # Every load was delivered, dropped as unused look-ahead, or still in
     # flight at the end; re-reads are served without a second load.
-    assert stats["batches"] == len(ds.requests)
-    assert sum(loads.values()) <= stats["batches"] + stats["discarded"] + ds.num_workers
+    assert fit_stats["batches"] == len(fit_requests)
+    assert (
+        sum(fit_loads.values())
+        <= fit_stats["batches"] + fit_stats["discarded"] + ds.num_workers
+    )
+    # evaluate and predict both read epoch 3, each batch once per pass.
+    after = set(ds.requests[len(fit_requests) :])
+    assert {e for e, _ in after} == {3}
 
 
 @pytest.mark.timeout(180)
