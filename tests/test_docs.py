@@ -49,7 +49,7 @@ RUNNABLE = [p for p in PAGES if python_blocks(p.read_text(encoding="utf-8"))]
 def test_docs_exist() -> None:
     assert PAGES, f"no documentation pages found in {DOCS}"
     names = {p.name for p in RUNNABLE}
-    assert {"getting-started.md", "api.md", "pool.md"} <= names, names
+    assert {"getting-started.md", "api.md", "pool.md", "guide.md"} <= names, names
 
 
 @pytest.mark.timeout(120)
