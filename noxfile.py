@@ -76,10 +76,15 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the throughput benchmark (torch is optional)."""
+    """Run the throughput benchmark; `nox -s bench -- --quick` for a short run.
+
+    The bench extra brings TensorFlow, Grain, simplejpeg, Pillow and
+    scikit-image; torch is pinned to its CPU build and optional (its
+    contender is skipped, with the reason printed, if it cannot install).
+    """
     session.install(".[bench]", "jax[cpu]")
     try:
         session.install(TORCH)
     except CommandFailed:
         session.warn(f"could not install {TORCH}; benchmarking without torch")
-    session.run("python", "benchmarks/throughput.py", *session.posargs)
+    session.run("python", "-m", "benchmarks", *session.posargs)
