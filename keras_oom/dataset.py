@@ -281,14 +281,17 @@ class LoaderDataset(keras.utils.PyDataset):
 
     @property
     def shuffle(self) -> bool:
+        """Whether every epoch visits the samples in an order of its own."""
         return self._plan.shuffle
 
     @property
     def drop_remainder(self) -> bool:
+        """Whether a last batch smaller than `batch_size` is left out."""
         return self._plan.drop_remainder
 
     @property
     def repeat(self) -> bool:
+        """Whether the dataset is endless (index `i` runs into later epochs)."""
         return self._repeat
 
     # -- index mapping --------------------------------------------------------

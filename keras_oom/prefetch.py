@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from keras_oom.dataset import Labels, LoaderDataset
+from keras_oom.dataset import LoaderDataset
 from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
 from keras_oom.pool import (
     START_METHODS,
@@ -85,9 +85,10 @@ class PrefetchLoaderDataset(LoaderDataset):
             database connection or a file that cannot be pickled. If it
             raises, the next read raises that exception, with the worker's
             traceback in its notes, and the dataset stops starting workers.
-        **kwargs: Every other argument of `LoaderDataset`: `sample_weights`,
-            `batch_size`, `shuffle`, `seed`, `drop_remainder`, `repeat`,
-            `shard`, `shard_mode`.
+        *args, **kwargs: Every other argument of `LoaderDataset`, by
+            position (`loader`, `sample_ids`, `labels`) or by name
+            (`sample_weights`, `batch_size`, `shuffle`, `seed`,
+            `drop_remainder`, `repeat`, `shard`, `shard_mode`).
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
@@ -112,10 +113,7 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def __init__(
         self,
-        loader: Callable[..., Any] | None = None,
-        sample_ids: Any = None,
-        labels: Labels = None,
-        *,
+        *args: Any,
         num_workers: int = 2,
         timeout: float | None = None,
         start_method: str | None = None,
@@ -130,9 +128,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                     f"Received: {name}={kwargs[name]!r}"
                 )
         # Keras must not stack its own thread or process pool on ours.
-        super().__init__(
-            loader, sample_ids, labels, workers=1, use_multiprocessing=False, **kwargs
-        )
+        super().__init__(*args, workers=1, use_multiprocessing=False, **kwargs)
         num_workers = _check_num_workers(num_workers)
         self._timeout = _check_timeout(timeout)
         if start_method is not None and start_method not in START_METHODS:
