@@ -124,6 +124,7 @@ def main() -> int:
         f"Input pipeline: {stats['batches']} batches, {stats['hits']} ready when "
         f"asked, {stats['wait_seconds']:.2f} s spent waiting for data"
     )
+    print(f"Diagnosis: {stats['diagnosis']}")
     print(f"Training took {elapsed:.1f} s")
     print(f"Held-out accuracy: {accuracy:.4f} on {len(test_paths)} images")
     if accuracy < MIN_ACCURACY:

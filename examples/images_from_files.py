@@ -237,6 +237,7 @@ def train_and_evaluate(folder: Path, args: argparse.Namespace) -> float:
         f"when asked, {stats['wait_seconds']:.2f} s waiting for data, "
         f"{stats['load_seconds']:.2f} s loading in {len(stats['workers'])} workers"
     )
+    print(f"Diagnosis: {stats['diagnosis']}")
     print(f"Held-out accuracy: {accuracy:.4f} on {len(test)} images")
     return accuracy
 

@@ -322,10 +322,10 @@ class WorkerPool:
         try:
             for slot in range(len(self._slots)):
                 self._fill(slot, events)
+            self.raise_if_broken()
         except BaseException:
-            self.close()
+            self.close()  # no worker may outlive a start that raised
             raise
-        self.raise_if_broken()
         return events
 
     # -- starting workers ---------------------------------------------------

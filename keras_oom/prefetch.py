@@ -366,12 +366,15 @@ class PrefetchLoaderDataset(LoaderDataset):
             start_method=self._start_method,
             timeout=self._timeout,
         )
-        self._cpu_at_start = time.process_time()
         schedule = Schedule(self._num_workers, self._plan.batches_per_epoch)
+        # Deferred: a Ctrl-C here must leave either no pool (the next read
+        # starts one) or a pool that this dataset owns and will close.
         with deferred_interrupts():
+            events = pool.start()  # closes the pool if it raises
             self._pool, self._schedule = pool, schedule
             self._finalizer = weakref.finalize(self, pool.close)
-        self._apply(pool.start())
+            self._cpu_at_start = time.process_time()
+            self._apply(events)
         self._restart_window()
         return pool
 
