@@ -27,7 +27,7 @@ import cloudpickle
 import keras
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_oom
@@ -805,82 +805,3 @@ def test_public_names():
     assert keras_oom.LoaderDataset is LoaderDataset
     with pytest.raises(AttributeError, match="nothing"):
         keras_oom.nothing  # noqa: B018
-
-
-# -- sharding --------------------------------------------------------------------
-
-
-@FAST
-@given(
-    data=st.data(),
-    n=st.integers(2, 200),
-    count=st.integers(2, 5),
-    mode=st.sampled_from(["pad", "drop"]),
-    shuffle=st.booleans(),
-    seed=st.integers(0, 2**32 - 1),
-    epoch=st.integers(0, 5),
-)
-def test_shards_are_disjoint_and_have_equal_batches(
-    data, n, count, mode, shuffle, seed, epoch
-):
-    per_shard = n // count if mode == "drop" else -(-n // count)
-    assume(per_shard > 0)
-    bs = data.draw(st.integers(1, per_shard), label="batch_size")
-    shards = [
-        LoaderDataset(
-            identity,
-            np.arange(n),
-            labels=label_of(np.arange(n)),
-            batch_size=bs,
-            shuffle=shuffle,
-            seed=seed,
-            shard=(i, count),
-            shard_mode=mode,
-        )
-        for i in range(count)
-    ]
-    assert {ds.batches_per_epoch for ds in shards} == {-(-per_shard // bs)}
-    seen = []
-    for i, ds in enumerate(shards):
-        assert ds.shard == (i, count)
-        ds.set_epoch(epoch)
-        for b in range(len(ds)):
-            x, y = ds[b]
-            np.testing.assert_array_equal(y, label_of(x))
-            seen.extend(x.tolist())
-    assert len(seen) == per_shard * count
-    if mode == "drop":
-        assert len(set(seen)) == len(seen)
-    else:
-        assert set(seen) == set(range(n))
-
-
-def test_sharded_shuffle_needs_a_seed():
-    with pytest.raises(ValueError, match=r"seed=None.*shard=\(1, 2\)"):
-        LoaderDataset(identity, np.arange(10), batch_size=2, shuffle=True, shard=(1, 2))
-
-
-@pytest.mark.parametrize(
-    ("shard", "error"),
-    [
-        ((2, 2), ValueError),
-        ((-1, 2), ValueError),
-        ((0, 0), ValueError),
-        ("all", ValueError),
-        ((0.5, 2), TypeError),
-        (3, TypeError),
-    ],
-)
-def test_bad_shard(shard, error):
-    with pytest.raises(error, match="shard"):
-        LoaderDataset(identity, np.arange(10), batch_size=2, shard=shard)
-
-
-def test_bad_shard_mode():
-    with pytest.raises(ValueError, match="shard_mode='cut'"):
-        LoaderDataset(identity, np.arange(10), batch_size=2, shard_mode="cut")
-
-
-def test_auto_shard_is_a_no_op_in_one_process():
-    ds = LoaderDataset(identity, np.arange(10), batch_size=2, shard="auto")
-    assert ds.shard == (0, 1) and len(ds) == 5

@@ -450,3 +450,46 @@ def test_one_peek_does_not_warn():
         for i in range(len(ds)):
             ds[i]
     assert order_warnings(record) == []
+
+
+# -- stats() tells input-bound from cores-saturated (issue 10.7) -------------
+
+
+def _stats(wait, cpu_share, batches=10, elapsed=10.0):
+    return {
+        "batches": batches,
+        "elapsed_seconds": elapsed,
+        "wait_seconds": wait,
+        "cpu_share": cpu_share,
+    }
+
+
+@pytest.mark.parametrize(
+    ("wait", "cpu_share", "verdict"),
+    [
+        (0.2, 0.3, "Not input-bound"),
+        (0.2, 1.0, "Not input-bound"),
+        (6.0, 0.4, "more workers, or a faster loader, would help"),
+        (6.0, 0.95, "more workers would not help"),
+    ],
+)
+def test_diagnosis_tells_idle_cores_from_saturated_ones(wait, cpu_share, verdict):
+    from keras_oom.prefetch import _diagnose
+
+    assert verdict in _diagnose(_stats(wait, cpu_share), cores=2)
+
+
+def test_stats_report_cpu_share_and_a_diagnosis_also_after_close():
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, np.arange(40), batch_size=4, num_workers=2
+    ) as ds:
+        for i in range(len(ds)):
+            ds[i]
+        during = ds.stats()
+    after = ds.stats()
+    assert 0.0 <= during["cpu_share"] <= 1.0
+    assert isinstance(during["diagnosis"], str) and during["diagnosis"]
+    assert after["batches"] == during["batches"] == 10
+    assert [w["index"] for w in after["workers"]] == [0, 1]
+    with pytest.raises(keras_oom.DatasetClosedError):
+        ds[0]
