@@ -482,10 +482,10 @@ class WorkerPool:
         events: list[Event] = []
         with deferred_interrupts():
             self._refill(events)
+        if events or not self.expecting():
+            return events
         live = [w for w in self._slots if w is not None]
         vacant = [s for s, w in enumerate(self._slots) if w is None]
-        if events or not (any(w.key is not None for w in live) or vacant):
-            return events
         deadlines = [self._retry_at[s] - time.monotonic() for s in vacant]
         if self._timeout is not None:
             now = time.perf_counter()
@@ -514,6 +514,11 @@ class WorkerPool:
                         self._lose(w, events, timed_out=True)
             self._refill(events)
         return events
+
+    def expecting(self) -> bool:
+        """Whether `wait()` has something to wait for: a batch in flight, or
+        a vacant slot to restart."""
+        return any(w is None or w.key is not None for w in self._slots)
 
     def _refill(self, events: list[Event]) -> None:
         now = time.monotonic()

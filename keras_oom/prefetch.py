@@ -397,6 +397,14 @@ class PrefetchLoaderDataset(LoaderDataset):
         if done:
             self._counters["hits"] += 1
         while not done:
+            if not pool.expecting():
+                # The schedule waits for a batch no worker holds: a bug,
+                # which must fail loudly rather than spin.
+                raise RuntimeError(
+                    f"keras_oom internal error: batch {key} is wanted but no "
+                    f"worker is loading it (held: {schedule.held()}). Please "
+                    f"report this."
+                )
             events = pool.wait()
             with deferred_interrupts():
                 self._apply(events)
