@@ -24,13 +24,14 @@ class SyncEpoch(keras.callbacks.Callback):
     """Sets each dataset's epoch to Keras's epoch index as every epoch begins.
 
     A dataset's order and randomness are functions of `(seed, epoch)`. Its
-    own epoch count follows the `on_epoch_end` calls Keras makes, which are
-    more than the training epochs (a batch read to build the model, every
-    `evaluate`), so a resumed run would not see the same data. With this
-    callback, training epoch `e` reads epoch `e` of every dataset, whatever
-    happened before: `fit(..., initial_epoch=e)` and
+    own epoch count advances once per training epoch, counted from when
+    the dataset was built, so a run resumed in a new process (whose dataset
+    starts at epoch 0) would not see the same data. With this callback,
+    training epoch `e` reads epoch `e` of every dataset, whatever happened
+    before: `fit(..., initial_epoch=e)` and
     `keras.callbacks.BackupAndRestore` resume on exactly the same order and
-    the same `rng` draws as the uninterrupted run.
+    the same `rng` draws as the uninterrupted run. It also makes a
+    validation dataset's augmentation follow the epoch.
 
     Keras calls `on_epoch_begin` before it requests the epoch's first batch,
     so a `PrefetchLoaderDataset` discards at most the batches it had loaded

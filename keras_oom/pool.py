@@ -309,6 +309,7 @@ class WorkerPool:
         self._slots: list[_Worker | None] = [None] * size
         self._retry_at = [0.0] * size
         self._failures = 0  # failed starts in a row, any slot
+        self.retired_cpu_seconds = 0.0  # of workers that are gone, for stats
         # Guards the slots against close() from another thread (or a
         # finalizer) while the owner replaces a worker.
         self._state_lock = threading.Lock()
@@ -591,8 +592,12 @@ class WorkerPool:
                     f"before it was ready; see its output above"
                 ),
             )
+        self.retired_cpu_seconds += w.cpu_seconds
         outcome = None
-        if w.key is not None:
+        if w.key is not None and self._broken is None:
+            # (A broken pool raises what broke it at the next call: the
+            # worker that sent StartFailed exits, and its batch must not
+            # report that exit instead.)
             if timed_out:
                 error: BaseException = WorkerTimeoutError(
                     f"Worker pid {w.pid} took longer than timeout={self._timeout}s "

@@ -44,7 +44,8 @@ class PrefetchLoaderDataset(LoaderDataset):
     """A `LoaderDataset` whose loader runs ahead in a pool of worker processes.
 
     `num_workers` processes start at the dataset's first use (the first
-    read, `with`, or `set_epoch`) and serve every epoch until `close()`.
+    read, `with`, `set_epoch`, `worker_pids` or `stats()`) and serve every
+    epoch until `close()`.
     Each loads one batch at a time; together they keep the next
     `num_workers` batches of the expected order in flight, across epoch
     boundaries too, so a `fit` loop that reads batches in order finds them
@@ -321,6 +322,16 @@ class PrefetchLoaderDataset(LoaderDataset):
             if self._pool is None:
                 if self._final_stats is not None:
                     return copy.deepcopy(self._final_stats)
+                if self._closed:  # closed before it was ever used
+                    return {
+                        **self._counters,
+                        "wait_seconds": 0.0,
+                        "load_seconds": 0.0,
+                        "elapsed_seconds": 0.0,
+                        "cpu_share": 0.0,
+                        "workers": [],
+                        "diagnosis": "No batches read yet.",
+                    }
                 self._ensure_started()
             assert self._pool is not None
             return self._stats_now(self._pool)
@@ -331,7 +342,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         for w in workers:
             w["utilization"] = w["busy_seconds"] / elapsed if elapsed else 0.0
         cpu = time.process_time() - self._cpu_at_start
-        cpu += sum(w["cpu_seconds"] for w in workers)
+        cpu += sum(w["cpu_seconds"] for w in workers) + pool.retired_cpu_seconds
         cores = _cores()
         out: dict[str, Any] = dict(self._counters)
         out["discarded"] = self._schedule.discarded if self._schedule else 0
