@@ -202,21 +202,26 @@ class StackedSamples:
         n = len(ids)
         if n == 0:
             raise ValueError("`stack_samples` cannot stack an empty batch: no ids.")
-        rngs: list[Any] = [None] * n
+        seeds: list[Any] = [None] * n
+        kind: Any = None
         if self._wants_rng:
-            # One child per row, in id order: independent of `threads`.
-            rngs = (rng if rng is not None else np.random.default_rng()).spawn(n)
+            # One child per row, in id order: independent of `threads`. As
+            # `rng.spawn(n)`, but each generator is made by its own task.
+            rng = rng if rng is not None else np.random.default_rng()
+            seed_seq: Any = rng.bit_generator.seed_seq  # a SeedSequence
+            seeds = seed_seq.spawn(n)
+            kind = type(rng.bit_generator)
         stack = _Stack(ids)
         if self.threads == 1 or n == 1:
             for k in range(n):
-                stack.put(k, self._load_one(ids[k], rngs[k]))
+                stack.put(k, self._load_one(ids[k], seeds[k], kind))
             return stack.batch()
         results: queue.SimpleQueue[tuple[int, Any, BaseException | None]]
         results = queue.SimpleQueue()
 
         def task(k: int) -> None:
             try:
-                results.put((k, self._load_one(ids[k], rngs[k]), None))
+                results.put((k, self._load_one(ids[k], seeds[k], kind), None))
             except BaseException as e:
                 results.put((k, None, e))
 
@@ -234,9 +239,10 @@ class StackedSamples:
                 f.cancel()
         return stack.batch()
 
-    def _load_one(self, sample_id: Any, rng: np.random.Generator | None) -> Any:
+    def _load_one(self, sample_id: Any, seed: Any, kind: Any) -> Any:
         try:
             if self._wants_rng:
+                rng = np.random.Generator(kind(seed))
                 return self.sample_loader(sample_id, rng=rng)
             return self.sample_loader(sample_id)
         except Exception as e:

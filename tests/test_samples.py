@@ -48,6 +48,15 @@ def test_stacks_samples_in_order():
     np.testing.assert_array_equal(batch, np.stack([sl.plain(i) for i in IDS[8:16]]))
 
 
+def test_each_sample_gets_a_child_of_the_batch_rng():
+    got = stack_samples(sl.noisy, threads=2)(IDS[:6], np.random.default_rng(3))
+    children = np.random.default_rng(3).spawn(6)
+    want = np.stack(
+        [sl.noisy(i, rng) for i, rng in zip(IDS[:6], children, strict=True)]
+    )
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_rng_per_sample_does_not_depend_on_threads(threads):
     def batches(t):
