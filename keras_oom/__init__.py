@@ -3,9 +3,11 @@
 `LoaderDataset` loads each batch with your loader function; its subclass
 `PrefetchLoaderDataset` loads ahead in a fixed pool of worker processes.
 `SyncEpoch` is a Keras callback that keeps datasets on Keras's epoch index,
-so that resumed runs read the same data.
+so that resumed runs read the same data. `batch_array` allocates a batch
+that a worker sends with no copy, and `stack_samples` makes a batch loader
+from a loader of one sample, with threads inside each process.
 
-The dataset classes and `SyncEpoch` are imported on first use, so that
+Every name but the errors is imported on first use, so that
 worker processes, which import this package but never Keras, start quickly.
 """
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from keras_oom.callbacks import SyncEpoch
     from keras_oom.dataset import LoaderDataset
     from keras_oom.prefetch import PrefetchLoaderDataset
+    from keras_oom.samples import batch_array, stack_samples
 
 __all__ = [
     "DatasetClosedError",
@@ -33,6 +36,8 @@ __all__ = [
     "WorkerDiedError",
     "WorkerStartError",
     "WorkerTimeoutError",
+    "batch_array",
+    "stack_samples",
 ]
 __version__ = "0.1.0"
 
@@ -40,6 +45,8 @@ _LAZY = {
     "LoaderDataset": "keras_oom.dataset",
     "PrefetchLoaderDataset": "keras_oom.prefetch",
     "SyncEpoch": "keras_oom.callbacks",
+    "batch_array": "keras_oom.samples",
+    "stack_samples": "keras_oom.samples",
 }
 
 

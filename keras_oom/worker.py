@@ -87,6 +87,7 @@ def run(
 
 def _serve(conn: Connection, loader: Any) -> None:
     writer = transport.BatchWriter()
+    writer.activate()  # `batch_array` allocates in its buffers from now on
     wants_rng = seeding.accepts_rng(loader)
     while True:
         request = conn.recv()
@@ -109,6 +110,10 @@ def _serve(conn: Connection, loader: Any) -> None:
             raise
         except Exception as e:  # the batch does not pickle
             conn.send(Failed(key, seconds, cpu, encode_error(e)))
+        finally:
+            # Else a zero-copy batch's buffer stays held here while the next
+            # batch loads, and that batch cannot reuse it.
+            del value
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -17,11 +17,14 @@ import pytest
 
 import keras_oom.dataset
 import keras_oom.prefetch
+import keras_oom.samples
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    "module", [keras_oom.dataset, keras_oom.prefetch], ids=lambda m: m.__name__
+    "module",
+    [keras_oom.dataset, keras_oom.prefetch, keras_oom.samples],
+    ids=lambda m: m.__name__,
 )
 def test_docstring_examples(module):
     result = doctest.testmod(

@@ -18,10 +18,11 @@ import threading
 from multiprocessing.connection import Connection
 
 import _procs
+import _sample_loaders
 import numpy as np
 import pytest
 
-from keras_oom import PrefetchLoaderDataset, transport
+from keras_oom import PrefetchLoaderDataset, batch_array, transport
 from keras_oom.protocol import Loaded
 from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWriter
 
@@ -180,7 +181,7 @@ def test_released_buffers_are_reused(channel):
         assert batch[0, 0] == i
         del batch
         gc.collect()
-    new_buffers = [p for kind, p in channel.payloads if p[1] is not None]
+    new_buffers = [b for _, p in channel.payloads for b in p[2]]
     # After the first batch or two, freed buffers are recycled: no new file.
     assert len(new_buffers) <= 2, channel.payloads
 
@@ -310,3 +311,147 @@ def test_one_gib_array(channel):
     assert got.shape == value.shape and got.dtype == value.dtype
     np.testing.assert_array_equal(got[::4096], value[::4096])
     assert got[-1] == value[-1]
+
+
+# -- zero-copy batches: arrays made by batch_array in a worker ---------------
+
+
+@pytest.fixture
+def worker_channel(channel, monkeypatch):
+    """A channel whose writer serves `batch_array` in this process, as a worker's."""
+    monkeypatch.setattr(transport, "_ACTIVE", None)
+    channel.writer.activate()
+    return channel
+
+
+def mapping_of(arr: np.ndarray) -> tuple[str, int]:
+    """(inode of the mapped file, offset of `arr`'s data in that file)."""
+    address = arr.__array_interface__["data"][0]
+    for line in memfd_mappings():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[4], int(fields[2], 16) + address - start
+    raise AssertionError("not in a keras_oom mapping")
+
+
+def test_batch_array_crosses_with_no_copy(worker_channel):
+    out = batch_array((768, 4096), np.float32)  # 12 MiB
+    out[:] = np.arange(4096, dtype=np.float32)
+    where_made = mapping_of(out)
+    want = out.copy()
+    kind, got = worker_channel.roundtrip(out)
+    assert kind == "memfd"
+    assert_same(got, want)
+    writer = worker_channel.writer
+    assert writer.copied_bytes == 0 and writer.in_place_bytes == out.nbytes
+    # The parent's array is the worker's: same shared file, same offset.
+    assert mapping_of(got) == where_made
+    assert got.__array_interface__["data"][0] != out.__array_interface__["data"][0]
+    _, (data, parts, _, _) = worker_channel.payloads[-1]
+    assert isinstance(data, bytes)  # the small pickle rides in the message
+    assert parts == [(parts[0][0], 0, out.nbytes)]
+
+
+def test_views_and_mixed_batches_copy_only_what_is_not_in_place(worker_channel):
+    out = batch_array((256, 1024), np.float32)
+    out[:] = 4.0
+    other = np.full((256, 1024), 2.0, np.float32)  # plain memory: copied once
+    value = {"x": out[:100], "other": other, "small": np.arange(3)}
+    want = {k: v.copy() for k, v in value.items()}
+    kind, got = worker_channel.roundtrip(value)
+    assert kind == "memfd"
+    assert_same(got, want)
+    writer = worker_channel.writer
+    assert writer.in_place_bytes == out[:100].nbytes
+    assert writer.copied_bytes == other.nbytes + value["small"].nbytes
+    assert mapping_of(got["x"]) == mapping_of(out)
+    assert in_memfd(got["other"]) and mapping_of(got["other"]) != mapping_of(out)
+
+
+def test_small_batch_arrays_are_plain_memory(worker_channel):
+    out = batch_array((4, 4), np.float32)
+    assert out.flags.owndata and not in_memfd(out)
+    kind, _ = worker_channel.roundtrip(out)
+    assert kind == "inline"
+
+
+def test_batch_array_buffers_are_reused_and_bounded(worker_channel):
+    held = []
+    for i in range(40):
+        out = batch_array((256, 1024), np.float32)
+        out[:] = i
+        kind, got = worker_channel.roundtrip(out)
+        del out  # the loader lets go of its batch, as the worker loop does
+        assert kind == "memfd" and got[0, 0] == i
+        if i % 10 == 0:
+            held.append((i, got))  # a few batches the caller keeps
+        del got
+        gc.collect()
+    for i, got in held:  # never overwritten by later batches
+        assert (got == i).all()
+    writer = worker_channel.writer
+    assert writer.copied_bytes == 0
+    new_buffers = [b for _, p in worker_channel.payloads for b in p[2]]
+    # 4 held batches + about 2 in rotation; not one buffer per batch.
+    assert len(new_buffers) <= 7, new_buffers
+    assert len(writer._maps) <= len(held) + 3
+
+
+def test_a_dropped_batch_array_returns_its_buffer(worker_channel):
+    writer = worker_channel.writer
+    out = batch_array((256, 1024), np.float32)
+    (buffer_id,) = writer._maps
+    assert buffer_id not in writer._free
+    del out  # the loader built its batch, then returned something else
+    kind, got = worker_channel.roundtrip(np.ones(3))
+    assert kind == "inline"
+    assert buffer_id in writer._free
+    again = batch_array((256, 1024), np.float32)
+    assert list(writer._maps) == [buffer_id]  # reused, no new buffer
+    assert again.shape == (256, 1024)
+
+
+def test_a_batch_array_the_loader_keeps_is_not_reused(worker_channel):
+    writer = worker_channel.writer
+    kept = batch_array((256, 1024), np.float32)
+    kept[:] = 1.0
+    worker_channel.roundtrip(np.ones(3))  # a batch without it
+    later = batch_array((256, 1024), np.float32)
+    later[:] = 2.0
+    assert mapping_of(later)[0] != mapping_of(kept)[0]
+    assert (kept == 1.0).all() and len(writer._maps) == 2
+
+
+def test_a_batch_array_sent_and_kept_by_both_sides_stays_lent(worker_channel):
+    out = batch_array((256, 1024), np.float32)
+    out[:] = 3.0
+    _, got = worker_channel.roundtrip(out)
+    del out  # the worker lets go; the caller still holds `got`
+    for i in range(5):
+        nxt = batch_array((256, 1024), np.float32)
+        nxt[:] = i
+        _, later = worker_channel.roundtrip(nxt)
+        del nxt, later
+        gc.collect()
+    assert (got == 3.0).all()
+
+
+@pytest.mark.timeout(90)
+def test_batch_array_through_real_workers():
+    ids = np.arange(32)
+    with PrefetchLoaderDataset(
+        _sample_loaders.kept_batch_loader, ids, batch_size=8, num_workers=2
+    ) as ds:
+        for _ in range(2):
+            batches = [ds[i] for i in range(len(ds))]
+            ds.on_epoch_end()
+        for i, batch in enumerate(batches):
+            assert (batch == np.arange(8 * i, 8 * i + 8)[:, None, None, None]).all()
+            assert batch.flags.writeable
+            # In place: at the very start of a worker's buffer, where
+            # batch_array put it, not copied behind a pickle.
+            assert mapping_of(batch)[1] == 0
+        del batches, batch
+    gc.collect()
+    assert memfd_mappings() == []

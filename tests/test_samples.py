@@ -1,0 +1,225 @@
+"""Per-sample loaders stacked into batches (`stack_samples`) and `batch_array`.
+
+A stacked batch must be exactly what the same samples stacked by hand give,
+whichever dataset class, start method or number of threads loads it; its
+randomness must depend only on the batch, not on `threads`; and a failing
+or misshapen sample must be named in the error.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import pickle
+
+import _sample_loaders as sl
+import cloudpickle
+import numpy as np
+import pytest
+from test_transport import assert_same, in_memfd
+
+from keras_oom import (
+    LoaderDataset,
+    PrefetchLoaderDataset,
+    batch_array,
+    stack_samples,
+    transport,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+IDS = np.arange(40)
+
+
+def all_batches(ds, epochs=2):
+    out = []
+    for _ in range(epochs):
+        out.extend(ds[i] for i in range(len(ds)))
+        ds.on_epoch_end()
+    return out
+
+
+def test_stacks_samples_in_order():
+    ds = LoaderDataset(stack_samples(sl.plain, threads=3), IDS, batch_size=8)
+    batch = ds[1]
+    assert batch.shape == (8, *sl.SHAPE) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, np.stack([sl.plain(i) for i in IDS[8:16]]))
+
+
+def test_each_sample_gets_a_child_of_the_batch_rng():
+    got = stack_samples(sl.noisy, threads=2)(IDS[:6], np.random.default_rng(3))
+    children = np.random.default_rng(3).spawn(6)
+    want = np.stack(
+        [sl.noisy(i, rng) for i, rng in zip(IDS[:6], children, strict=True)]
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rng_per_sample_does_not_depend_on_threads(threads):
+    def batches(t):
+        ds = LoaderDataset(
+            stack_samples(sl.noisy, threads=t),
+            IDS,
+            batch_size=8,
+            shuffle=True,
+            seed=11,
+        )
+        return all_batches(ds)
+
+    got, want = batches(threads), batches(1)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    # Every sample draws its own noise: no two rows of a batch share it.
+    noise = got[0] - np.floor(got[0])
+    assert len({row.tobytes() for row in noise}) == len(noise)
+    # And the two epochs differ.
+    assert not np.array_equal(np.sort(got[0], axis=None), np.sort(got[5], axis=None))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_same_batches_in_workers_as_in_process(start_method, threads):
+    loader = stack_samples(sl.noisy, threads=threads)
+    kwargs = dict(batch_size=8, shuffle=True, seed=5)
+    want = all_batches(LoaderDataset(stack_samples(sl.noisy), IDS, **kwargs))
+    with PrefetchLoaderDataset(
+        loader, IDS, num_workers=2, start_method=start_method, **kwargs
+    ) as ds:
+        got = all_batches(ds)
+        for g, w in zip(got, want, strict=True):
+            assert_same(g, w)
+        # Built in the worker's shared memory, at the start of its buffer:
+        # it crossed in place, not copied after a pickle.
+        assert in_memfd(got[-1]) and _offset_in_mapping(got[-1]) == 0
+        del got
+
+
+@pytest.mark.timeout(120)
+def test_multi_input_samples_in_workers():
+    kwargs = dict(batch_size=8, seed=2)
+    want = all_batches(LoaderDataset(stack_samples(sl.multi), IDS, **kwargs), 1)
+    with PrefetchLoaderDataset(
+        stack_samples(sl.multi, threads=2), IDS, num_workers=2, **kwargs
+    ) as ds:
+        got = all_batches(ds, 1)
+    for g, w in zip(got, want, strict=True):
+        assert_same(g, w)
+    assert got[0]["x"].shape == (8, *sl.SHAPE)
+    assert got[0]["y"][0].tolist() == list(range(8))
+    assert got[0]["y"][1].shape == (8,)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_error_names_the_sample_id(threads):
+    ds = LoaderDataset(stack_samples(sl.fails_on_5, threads=threads), IDS, batch_size=8)
+    with pytest.raises(KeyError, match="no file for sample 5") as info:
+        ds[0]
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "sample id 5" in notes
+    np.testing.assert_array_equal(ds[1][0], sl.plain(8))  # the next batch loads
+
+
+@pytest.mark.timeout(90)
+def test_error_in_a_worker_names_the_sample_id():
+    with PrefetchLoaderDataset(
+        stack_samples(sl.fails_on_5, threads=2), IDS, batch_size=8, num_workers=2
+    ) as ds:
+        with pytest.raises(KeyError) as info:
+            ds[0]
+        assert "sample id 5" in "\n".join(info.value.__notes__)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_samples_of_different_shapes_are_refused(threads):
+    ds = LoaderDataset(stack_samples(sl.ragged, threads=threads), IDS, batch_size=8)
+    with pytest.raises(ValueError, match=r"sample id 4 is shape \(4, 2\)") as info:
+        ds[0]
+    assert "(3, 2)" in str(info.value)
+
+
+def test_samples_of_different_structures_are_refused():
+    loader = stack_samples(lambda i: (np.zeros(2),) if i else {"a": np.zeros(2)})
+    with pytest.raises(ValueError, match="sample id"):
+        loader(np.arange(3))
+
+
+def test_pickles_without_its_thread_pool():
+    loader = stack_samples(sl.plain, threads=2)
+    first = loader(IDS[:4])
+    copy = pickle.loads(cloudpickle.dumps(loader))
+    assert copy._pool is None and copy.threads == 2
+    np.testing.assert_array_equal(copy(IDS[:4]), first)
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_process_makes_its_own_thread_pool():
+    loader = stack_samples(sl.plain, threads=2)
+    loader(IDS[:4])  # the parent's pool exists now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            ok = (loader(IDS[:4])[3] == 3).all() and loader._pool_pid == os.getpid()
+            os.write(w, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"ok"
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"threads": 0}, ValueError),
+        ({"threads": "2"}, TypeError),
+        ({"threads": True}, TypeError),
+    ],
+)
+def test_bad_threads(kwargs, error):
+    with pytest.raises(error, match="threads"):
+        stack_samples(sl.plain, **kwargs)
+
+
+def test_bad_sample_loader():
+    with pytest.raises(TypeError, match="sample_loader"):
+        stack_samples("not a function")
+
+
+def test_batch_array_outside_a_worker_is_plain_memory():
+    out = batch_array((256, 1024), np.float32)
+    assert out.shape == (256, 1024) and out.dtype == np.float32
+    assert out.flags.c_contiguous and out.flags.writeable and out.flags.owndata
+    assert not in_memfd(out)
+    assert batch_array(3).shape == (3,)
+
+
+@pytest.mark.parametrize(
+    "shape, error", [((-1, 2), ValueError), ("ab", TypeError), ((1.5,), TypeError)]
+)
+def test_batch_array_bad_shape(shape, error):
+    with pytest.raises(error, match="shape"):
+        batch_array(shape, np.float32)
+
+
+def test_batch_array_in_a_forked_child_of_a_worker_is_plain(monkeypatch):
+    """Only the process that activated a writer allocates in its buffers."""
+    writer = transport.BatchWriter()
+    monkeypatch.setattr(transport, "_ACTIVE", (os.getpid() + 1, writer))
+    out = batch_array((256, 1024), np.float32)
+    assert out.flags.owndata and not in_memfd(out)
+
+
+def _offset_in_mapping(arr: np.ndarray) -> int:
+    address = arr.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return address - start
+    raise AssertionError("address not mapped")
