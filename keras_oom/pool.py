@@ -587,7 +587,11 @@ class WorkerPool:
                 ),
             )
         outcome = None
-        if w.key is not None:
+        # A worker that died before it was ready never started on its batch:
+        # the batch goes back to be sent again, and the start failure (or the
+        # error that broke the pool, e.g. from worker_init) decides what the
+        # caller sees.
+        if w.key is not None and (w.ready or timed_out):
             if timed_out:
                 error: BaseException = WorkerTimeoutError(
                     f"Worker pid {w.pid} took longer than timeout={self._timeout}s "
