@@ -570,13 +570,20 @@ class WorkerPool:
         self, w: _Worker, events: list[Event], *, timed_out: bool = False
     ) -> None:
         """Ends `w`, fails its batch, and starts a worker in its slot."""
+        # Whoever takes `w` out of its slot ends it: this call, or close()
+        # from another thread, which then has it in its list. Never both, so
+        # no descriptor is closed twice (a second close could hit a reused
+        # number) and no process handle is used after it was closed.
+        with self._state_lock:
+            mine = self._slots[w.slot] is w
+            if mine:
+                self._slots[w.slot] = None
+        if not mine:
+            return  # closed meanwhile: the caller gets DatasetClosedError
         if timed_out:
             w.process.kill()
         w.process.join(1.0)
         exitcode = w.process.exitcode
-        with self._state_lock:
-            if self._slots[w.slot] is w:
-                self._slots[w.slot] = None
         _release(w)
         if not w.ready and not timed_out:
             self._start_failed(
