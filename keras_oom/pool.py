@@ -26,10 +26,10 @@ Data flow (parent on the left, one worker on the right):
   `WorkerDiedError` or `WorkerTimeoutError`.
 - A slot whose worker cannot be started (the start raises, or workers die
   before they are ready) is retried with a growing pause;
-  `MAX_START_FAILURES` failures in a row break the pool, and every later
-  call raises at once (`WorkerStartError`). A start that fails for a reason
-  that cannot change (the loader does not pickle, `worker_init` raised)
-  breaks it at once. So nothing spins and nothing waits forever.
+  `MAX_START_FAILURES` failures of one slot in a row break the pool, and
+  every later call raises at once (`WorkerStartError`). A start that fails
+  for a reason that cannot change (the loader does not pickle,
+  `worker_init` raised) breaks it at once. So nothing spins and nothing waits forever.
 - Workers are started once, at the dataset's first use, and serve every
   epoch.
 
@@ -308,7 +308,9 @@ class WorkerPool:
         self._broken_raised = False
         self._slots: list[_Worker | None] = [None] * size
         self._retry_at = [0.0] * size
-        self._failures = 0  # failed starts in a row, any slot
+        # Failed starts in a row, per slot: one Ctrl-C that kills every
+        # starting worker is one failure of each slot, not a broken pool.
+        self._failures = [0] * size
         # Guards the slots against close() from another thread (or a
         # finalizer) while the owner replaces a worker.
         self._state_lock = threading.Lock()
@@ -354,16 +356,17 @@ class WorkerPool:
         events.append(Joined(slot))
 
     def _start_failed(self, slot: int, error: BaseException) -> None:
-        self._failures += 1
-        if self._failures >= MAX_START_FAILURES:
+        self._failures[slot] += 1
+        failures = self._failures[slot]
+        if failures >= MAX_START_FAILURES:
             broken = WorkerStartError(
-                f"keras_oom workers failed to start {self._failures} times in a "
+                f"keras_oom worker {slot} failed to start {failures} times in a "
                 f"row; the last time: {_describe(error)}"
             )
             broken.__cause__ = error
             self._break(broken)
         else:
-            pause = _RETRY_PAUSE * 2 ** (self._failures - 1)
+            pause = _RETRY_PAUSE * 2 ** (failures - 1)
             self._retry_at[slot] = time.monotonic() + pause
 
     def _break(self, error: BaseException) -> None:
@@ -536,7 +539,7 @@ class WorkerPool:
         if isinstance(msg, Ready):
             w.ready = True
             w.started = time.perf_counter()  # `timeout` counts loading only
-            self._failures = 0
+            self._failures[w.slot] = 0
             return
         if isinstance(msg, StartFailed):
             where = f"worker {w.slot} (pid {w.pid}) while starting"
