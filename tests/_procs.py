@@ -396,3 +396,9 @@ def read_init_log(path) -> list[tuple[int, int]]:
 def failing_line_loader(ids):
     """Raises from a known line: FAILING_LINE, for the notes test."""
     raise OSError(f"Truncated File Read for {list(np.asarray(ids))}")  # FAILING_LINE
+
+
+def features_loader(ids):
+    """Three float32 features per sample, for a small Keras model."""
+    ids = np.asarray(ids, dtype=np.float32)
+    return np.stack([ids, ids * 0.5, -ids], axis=1) / 10

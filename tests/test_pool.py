@@ -311,14 +311,13 @@ def test_close_from_another_thread_during_a_replacement_releases_once(monkeypatc
         # The owner reaps the dead worker: close() from another thread now,
         # and let the owner go on once close() has taken the worker list.
         main = threading.current_thread() is threading.main_thread()
-        if main and not closer.is_alive() and closer.ident is None:
-            if self.exitcode is not None:
-                closer.start()
-                deadline = time.monotonic() + 10
-                while not pool._closed and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                with pool._state_lock:
-                    pass
+        if main and closer.ident is None and self.exitcode is not None:
+            closer.start()
+            deadline = time.monotonic() + 10
+            while not pool._closed and time.monotonic() < deadline:
+                time.sleep(0.005)
+            with pool._state_lock:
+                pass
         return original_join(self, timeout)
 
     monkeypatch.setattr(handle_class, "close", close)
