@@ -10,18 +10,20 @@ can be inspected) and end to end through real worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 
 import _procs
 import numpy as np
 import pytest
 
-from keras_oom import PrefetchLoaderDataset, transport
+from keras_oom import PrefetchLoaderDataset, WorkerDiedError, transport
 from keras_oom.protocol import Loaded
 from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWriter
 
@@ -310,3 +312,43 @@ def test_one_gib_array(channel):
     assert got.shape == value.shape and got.dtype == value.dtype
     np.testing.assert_array_equal(got[::4096], value[::4096])
     assert got[-1] == value[-1]
+
+
+def memfd_inodes(pid: int | str = "self") -> set[int]:
+    """Inodes of the keras_oom shared-memory buffers that `pid` maps."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = [line for line in f if "keras_oom_batch" in line]
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+    return {int(line.split()[4]) for line in lines}
+
+
+@pytest.mark.timeout(60)
+def test_workers_of_one_dataset_do_not_map_another_datasets_batches():
+    ids = np.arange(64)
+    with PrefetchLoaderDataset(  # 256 KiB batches: through shared memory
+        _procs.big_loader, ids, batch_size=16, num_workers=2, start_method="fork"
+    ) as a:
+        held = [a[i] for i in range(len(a))]  # a's batches, mapped here
+        assert all(in_memfd(x) for x in held)
+        mine = memfd_inodes()
+        assert mine
+        with PrefetchLoaderDataset(
+            _procs.ids_loader, ids, batch_size=8, num_workers=2, start_method="fork"
+        ) as b:
+            b[0]  # b's workers are running, forked after a's batches arrived
+            for pid in b.worker_pids:
+                assert memfd_inodes(pid) & mine == set(), pid
+            # A replacement worker, forked later, forgets them too.
+            victim = b.worker_pids[0]
+            _procs.kill(victim)
+            assert _procs.wait_gone([victim]) == []
+            deadline = time.monotonic() + 10
+            while victim in b.worker_pids or len(b.worker_pids) < 2:
+                assert time.monotonic() < deadline, b.worker_pids
+                with contextlib.suppress(WorkerDiedError):  # its batch, if any
+                    b[1]  # reads give the pool the chance to replace it
+            for pid in b.worker_pids:
+                assert memfd_inodes(pid) & mine == set(), pid
+        del held
