@@ -116,10 +116,23 @@ def shm_files() -> set[str]:
 # -- scripts in a subprocess --------------------------------------------------
 
 
+def package_root() -> str:
+    """The directory holding the keras_oom this process imports.
+
+    Usually REPO; when the tests run against another checkout (PYTHONPATH),
+    scripts must run that one too.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("keras_oom")
+    assert spec is not None and spec.origin is not None
+    return str(Path(spec.origin).resolve().parents[1])
+
+
 def script_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]
+        [package_root(), str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     env["KERAS_BACKEND"] = "jax"
     env["PYTHONUNBUFFERED"] = "1"
