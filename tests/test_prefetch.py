@@ -525,7 +525,9 @@ def test_timeout_accepts_any_positive_number_of_seconds(timeout):
 )
 def test_timeout_rejects_what_is_not_a_positive_number(timeout, error):
     with pytest.raises(error, match="timeout"):
-        PrefetchLoaderDataset(_procs.ids_loader, np.arange(8), timeout=timeout)
+        PrefetchLoaderDataset(
+            _procs.ids_loader, np.arange(8), batch_size=2, timeout=timeout
+        )
 
 
 @pytest.mark.parametrize("how", ["copy", "pickle"])
