@@ -26,10 +26,10 @@ Data flow (parent on the left, one worker on the right):
   `WorkerDiedError` or `WorkerTimeoutError`.
 - A slot whose worker cannot be started (the start raises, or workers die
   before they are ready) is retried with a growing pause;
-  `MAX_START_FAILURES` failures in a row break the pool, and every later
-  call raises at once (`WorkerStartError`). A start that fails for a reason
-  that cannot change (the loader does not pickle, `worker_init` raised)
-  breaks it at once. So nothing spins and nothing waits forever.
+  `MAX_START_FAILURES` failures of one slot in a row break the pool, and
+  every later call raises at once (`WorkerStartError`). A start that fails
+  for a reason that cannot change (the loader does not pickle,
+  `worker_init` raised) breaks it at once. So nothing spins and nothing waits forever.
 - Workers are started once, at the dataset's first use, and serve every
   epoch.
 
@@ -308,7 +308,9 @@ class WorkerPool:
         self._broken_raised = False
         self._slots: list[_Worker | None] = [None] * size
         self._retry_at = [0.0] * size
-        self._failures = 0  # failed starts in a row, any slot
+        # Failed starts in a row, per slot: one Ctrl-C that kills every
+        # starting worker is one failure of each slot, not a broken pool.
+        self._failures = [0] * size
         self.retired_cpu_seconds = 0.0  # of workers that are gone, for stats
         # Guards the slots against close() from another thread (or a
         # finalizer) while the owner replaces a worker.
@@ -355,16 +357,17 @@ class WorkerPool:
         events.append(Joined(slot))
 
     def _start_failed(self, slot: int, error: BaseException) -> None:
-        self._failures += 1
-        if self._failures >= MAX_START_FAILURES:
+        self._failures[slot] += 1
+        failures = self._failures[slot]
+        if failures >= MAX_START_FAILURES:
             broken = WorkerStartError(
-                f"keras_oom workers failed to start {self._failures} times in a "
+                f"keras_oom worker {slot} failed to start {failures} times in a "
                 f"row; the last time: {_describe(error)}"
             )
             broken.__cause__ = error
             self._break(broken)
         else:
-            pause = _RETRY_PAUSE * 2 ** (self._failures - 1)
+            pause = _RETRY_PAUSE * 2 ** (failures - 1)
             self._retry_at[slot] = time.monotonic() + pause
 
     def _break(self, error: BaseException) -> None:
@@ -542,7 +545,7 @@ class WorkerPool:
         if isinstance(msg, Ready):
             w.ready = True
             w.started = time.perf_counter()  # `timeout` counts loading only
-            self._failures = 0
+            self._failures[w.slot] = 0
             return
         if isinstance(msg, StartFailed):
             where = f"worker {w.slot} (pid {w.pid}) while starting"
@@ -576,13 +579,20 @@ class WorkerPool:
         self, w: _Worker, events: list[Event], *, timed_out: bool = False
     ) -> None:
         """Ends `w`, fails its batch, and starts a worker in its slot."""
+        # Whoever takes `w` out of its slot ends it: this call, or close()
+        # from another thread, which then has it in its list. Never both, so
+        # no descriptor is closed twice (a second close could hit a reused
+        # number) and no process handle is used after it was closed.
+        with self._state_lock:
+            mine = self._slots[w.slot] is w
+            if mine:
+                self._slots[w.slot] = None
+        if not mine:
+            return  # closed meanwhile: the caller gets DatasetClosedError
         if timed_out:
             w.process.kill()
         w.process.join(1.0)
         exitcode = w.process.exitcode
-        with self._state_lock:
-            if self._slots[w.slot] is w:
-                self._slots[w.slot] = None
         _release(w)
         if not w.ready and not timed_out:
             self._start_failed(
@@ -594,10 +604,11 @@ class WorkerPool:
             )
         self.retired_cpu_seconds += w.cpu_seconds
         outcome = None
-        if w.key is not None and self._broken is None:
-            # (A broken pool raises what broke it at the next call: the
-            # worker that sent StartFailed exits, and its batch must not
-            # report that exit instead.)
+        # A worker that died before it was ready never started on its batch,
+        # and a broken pool raises what broke it at the next call: either
+        # way the batch goes back to be sent again, and the start failure
+        # (e.g. from worker_init) decides what the caller sees.
+        if w.key is not None and (w.ready or timed_out) and self._broken is None:
             if timed_out:
                 error: BaseException = WorkerTimeoutError(
                     f"Worker pid {w.pid} took longer than timeout={self._timeout}s "

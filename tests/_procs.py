@@ -116,10 +116,23 @@ def shm_files() -> set[str]:
 # -- scripts in a subprocess --------------------------------------------------
 
 
+def package_root() -> str:
+    """The directory holding the keras_oom this process imports.
+
+    Usually REPO; when the tests run against another checkout (PYTHONPATH),
+    scripts must run that one too.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("keras_oom")
+    assert spec is not None and spec.origin is not None
+    return str(Path(spec.origin).resolve().parents[1])
+
+
 def script_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]
+        [package_root(), str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     env["KERAS_BACKEND"] = "jax"
     env["PYTHONUNBUFFERED"] = "1"
@@ -318,3 +331,87 @@ def case_loader(ids):
     """Batch size 1: sample id k loads case k."""
     (k,) = (int(i) for i in ids)
     return make_case(k)
+
+
+# -- loaders and worker_init functions for test_pool.py and test_worker.py ----
+
+
+def worker_only_object_loader(ids):
+    """Batches holding sample id 2 carry an object the parent cannot unpickle.
+
+    Its class lives in a module made inside the worker, so pickling it there
+    works (by reference) and unpickling it in the parent, which never ran
+    this loader, fails with ModuleNotFoundError.
+    """
+    ids = np.asarray(ids)
+    if 2 not in ids.tolist():
+        return ids * 2
+    import types
+
+    name = "_keras_oom_only_in_the_worker"
+    module = sys.modules.get(name)
+    if module is None:
+        module = types.ModuleType(name)
+
+        class OnlyHere:
+            pass
+
+        OnlyHere.__module__ = name
+        OnlyHere.__qualname__ = "OnlyHere"
+        module.OnlyHere = OnlyHere  # type: ignore[attr-defined]
+        sys.modules[name] = module
+    return {"x": ids * 2, "obj": module.OnlyHere()}
+
+
+def global_random_loader(ids):
+    """Draws from NumPy's global generator, as many augmentations do."""
+    return np.random.random(4)
+
+
+class BadStrError(Exception):
+    """A loader exception whose __str__ itself raises."""
+
+    def __str__(self):
+        raise RuntimeError("__str__ of BadStrError failed")
+
+
+def bad_str_loader(ids):
+    if 3 in np.asarray(ids).tolist():
+        raise BadStrError("hidden")
+    return np.asarray(ids)
+
+
+class InitError(Exception):
+    pass
+
+
+def record_init(index, path):
+    """worker_init that appends "<pid> <index>" to `path`."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {index}\n")
+
+
+def raising_init(index, path):
+    """worker_init that records its call in `path`, then raises InitError."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {index}\n")
+    raise InitError(f"cannot open the database in worker {index}")
+
+
+def read_init_log(path) -> list[tuple[int, int]]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return [(int(a), int(b)) for a, b in (line.split() for line in text.splitlines())]
+
+
+def failing_line_loader(ids):
+    """Raises from a known line: FAILING_LINE, for the notes test."""
+    raise OSError(f"Truncated File Read for {list(np.asarray(ids))}")  # FAILING_LINE
+
+
+def features_loader(ids):
+    """Three float32 features per sample, for a small Keras model."""
+    ids = np.asarray(ids, dtype=np.float32)
+    return np.stack([ids, ids * 0.5, -ids], axis=1) / 10

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from pathlib import Path
 
 import _procs
 import numpy as np
@@ -493,3 +494,180 @@ def test_stats_report_cpu_share_and_a_diagnosis_also_after_close():
     assert [w["index"] for w in after["workers"]] == [0, 1]
     with pytest.raises(keras_oom.DatasetClosedError):
         ds[0]
+
+
+# -- the dataset as users build and copy it (issues 8 and 10) -----------------
+
+
+class Scaled(PrefetchLoaderDataset):
+    """The documented subclass pattern: attributes set after super().__init__."""
+
+    def __init__(self, sample_ids, factor, **kwargs):
+        super().__init__(sample_ids=sample_ids, **kwargs)
+        self.factor = factor
+
+    def load(self, ids):
+        return np.asarray(ids) * self.factor
+
+
+def test_subclass_setting_attributes_after_super_init_works():
+    with Scaled(np.arange(6), 10, batch_size=2, num_workers=2) as ds:
+        got = [ds[i].tolist() for i in range(len(ds))]
+    assert got == [[0, 10], [20, 30], [40, 50]]
+
+
+class Unpicklable:
+    """A label that refuses to be pickled, to prove labels stay home."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        raise RuntimeError("a label was pickled for a worker")
+
+
+@pytest.mark.timeout(90)
+def test_subclass_overriding_load_does_not_ship_labels_to_workers():
+    labels = np.empty(6, dtype=object)
+    labels[:] = [Unpicklable(i) for i in range(6)]
+    with Scaled(
+        np.arange(6),
+        3,
+        labels=labels,
+        batch_size=2,
+        num_workers=2,
+        start_method="subprocess",  # pickles what workers get
+    ) as ds:
+        x, y = ds[1]
+    assert x.tolist() == [6, 9]
+    assert [label.value for label in y] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "timeout", [float("inf"), 1e9, np.int64(5), np.float32(5)], ids=repr
+)
+def test_timeout_accepts_any_positive_number_of_seconds(timeout):
+    ids = np.arange(8)
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, ids, batch_size=2, num_workers=2, timeout=timeout
+    ) as ds:
+        for i in range(len(ds)):
+            assert_batches_equal(ds[i], _procs.ids_loader(ids[2 * i : 2 * i + 2]))
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (float("nan"), ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+    ],
+    ids=repr,
+)
+def test_timeout_rejects_what_is_not_a_positive_number(timeout, error):
+    with pytest.raises(error, match="timeout"):
+        PrefetchLoaderDataset(
+            _procs.ids_loader, np.arange(8), batch_size=2, timeout=timeout
+        )
+
+
+@pytest.mark.parametrize("how", ["copy", "pickle"])
+def test_copy_of_an_open_dataset_is_a_working_dataset_of_its_own(how):
+    import copy
+    import pickle
+
+    ids = np.arange(12)
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, ids, batch_size=3, num_workers=2, shuffle=True, seed=4
+    ) as ds:
+        first = ds[0]
+        twin = copy.copy(ds) if how == "copy" else pickle.loads(pickle.dumps(ds))
+        assert not twin.closed
+        try:
+            assert_batches_equal(twin[0], first)
+            for i in range(1, len(ds)):
+                assert_batches_equal(twin[i], ds[i])
+            own = set(twin.worker_pids)
+            assert own.isdisjoint(ds.worker_pids)
+        finally:
+            twin.close()
+        assert twin.closed
+        assert _procs.wait_gone(own) == []
+        # The original keeps its workers and its batches.
+        assert not ds.closed
+        ds.on_epoch_end()
+        assert len(ds.worker_pids) == 2
+        ds[0]
+
+
+def test_stats_after_close_report_the_final_numbers():
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, np.arange(8), batch_size=2, num_workers=2
+    ) as ds:
+        for i in range(len(ds)):
+            ds[i]
+    stats = ds.stats()
+    assert stats["batches"] == 4
+    assert len(stats["workers"]) == 2
+
+
+def _failing_line() -> int:
+    source = Path(_procs.__file__).read_text().splitlines()
+    (line,) = [
+        n
+        for n, text in enumerate(source, 1)
+        if "# FAILING_LINE" in text and text.lstrip().startswith("raise")
+    ]
+    return line
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_loader_error_notes_name_the_loaders_file_and_line(start_method):
+    with (
+        PrefetchLoaderDataset(
+            _procs.failing_line_loader,
+            np.arange(6),
+            batch_size=2,
+            num_workers=2,
+            start_method=start_method,
+        ) as ds,
+        pytest.raises(OSError, match="Truncated") as info,
+    ):
+        ds[1]
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "_procs.py" in notes, notes
+    assert f"line {_failing_line()}" in notes, notes
+    assert "failing_line_loader" in notes, notes
+    assert "ids [2, 3]" in notes, notes  # and the batch's ids
+
+
+@pytest.mark.timeout(120)
+def test_sample_weights_reach_fit():
+    import keras
+
+    ids = np.arange(16)
+    targets = np.ones((16, 1), np.float32)
+
+    def train(weights):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        with PrefetchLoaderDataset(
+            _procs.features_loader,
+            ids,
+            targets,
+            sample_weights=weights,
+            batch_size=4,
+            num_workers=2,
+        ) as ds:
+            x, y, w = ds[0]
+            np.testing.assert_array_equal(w, weights[:4])
+            history = model.fit(ds, epochs=2, shuffle=False, verbose=0)
+        return history.history["loss"]
+
+    # Zero weights make the weighted loss zero; ones do not.
+    assert train(np.zeros(16, np.float32)) == [0.0, 0.0]
+    assert min(train(np.ones(16, np.float32))) > 0

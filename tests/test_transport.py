@@ -10,11 +10,13 @@ can be inspected) and end to end through real worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 
 import _procs
@@ -22,7 +24,7 @@ import _sample_loaders
 import numpy as np
 import pytest
 
-from keras_oom import PrefetchLoaderDataset, batch_array, transport
+from keras_oom import PrefetchLoaderDataset, WorkerDiedError, batch_array, transport
 from keras_oom.protocol import Loaded
 from keras_oom.transport import SHARED_MEMORY_THRESHOLD, BatchReader, BatchWriter
 
@@ -455,3 +457,60 @@ def test_batch_array_through_real_workers():
         del batches, batch
     gc.collect()
     assert memfd_mappings() == []
+
+
+def memfd_inodes(pid: int | str = "self") -> set[int]:
+    """Inodes of the keras_oom shared-memory buffers that `pid` maps."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = [line for line in f if "keras_oom_batch" in line]
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+    return {int(line.split()[4]) for line in lines}
+
+
+def assert_forgets(pid: int, inodes: set[int]) -> None:
+    """Polls until worker `pid` maps none of `inodes`; fails after 10 s.
+
+    A worker just forked may still be starting: it forgets what it
+    inherited first thing, but only once it runs.
+    """
+    deadline = time.monotonic() + 10
+    while memfd_inodes(pid) & inodes:
+        assert time.monotonic() < deadline, (pid, memfd_inodes(pid) & inodes)
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_workers_of_one_dataset_do_not_map_another_datasets_batches():
+    ids = np.arange(64)
+    with PrefetchLoaderDataset(  # 256 KiB batches: through shared memory
+        _procs.big_loader, ids, batch_size=16, num_workers=2, start_method="fork"
+    ) as a:
+        held = [a[i] for i in range(len(a))]  # a's batches, mapped here
+        assert all(in_memfd(x) for x in held)
+        mine = memfd_inodes()
+        assert mine
+        with PrefetchLoaderDataset(
+            _procs.ids_loader, ids, batch_size=8, num_workers=2, start_method="fork"
+        ) as b:
+            b[0]  # b's workers are running, forked after a's batches arrived
+            for pid in b.worker_pids:
+                assert_forgets(pid, mine)
+            # A replacement worker, forked later, forgets them too.
+            victim = b.worker_pids[0]
+            _procs.kill(victim)
+            assert _procs.wait_gone([victim]) == []
+            deadline, i = time.monotonic() + 10, 0
+            while victim in b.worker_pids or len(b.worker_pids) < 2:
+                assert time.monotonic() < deadline, b.worker_pids
+                # Reads of new batches let the pool see the death and replace
+                # the worker (re-reads of batches 0 and 1 may come from a cache).
+                i = (i + 1) % len(b)
+                if i == 0:
+                    b.on_epoch_end()
+                with contextlib.suppress(WorkerDiedError):  # its batch, if any
+                    b[i]
+            for pid in b.worker_pids:
+                assert_forgets(pid, mine)
+        del held

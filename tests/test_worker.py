@@ -1,0 +1,105 @@
+"""The worker process: its randomness, its errors, and `worker_init`.
+
+What runs inside a worker (worker.py) seen from the caller: each batch draws
+its own random stream even when workers are forked copies of one parent, a
+loader's exception arrives as itself even when it cannot describe itself,
+and `worker_init` runs exactly once per worker, or, if it raises, ends the
+pool with its own error instead of a loop of restarts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import _procs
+import numpy as np
+import pytest
+
+import keras_oom
+from keras_oom import PrefetchLoaderDataset, WorkerDiedError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_forked_workers_draw_a_different_random_stream_per_batch():
+    # Forked workers inherit the parent's NumPy state: without reseeding,
+    # worker 1's first draw repeats worker 0's.
+    with PrefetchLoaderDataset(
+        _procs.global_random_loader,
+        np.arange(8),
+        batch_size=1,
+        num_workers=2,
+        start_method="fork",
+    ) as ds:
+        draws = [tuple(ds[i].tolist()) for i in range(len(ds))]
+    assert len(set(draws)) == len(draws), draws
+
+
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_loader_exception_whose_str_raises_reaches_the_caller(start_method):
+    with PrefetchLoaderDataset(
+        _procs.bad_str_loader,
+        np.arange(6),
+        batch_size=1,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        pids = set(ds.worker_pids)
+        np.testing.assert_array_equal(ds[0], [0])
+        with pytest.raises((_procs.BadStrError, RuntimeError)) as info:
+            ds[3]
+        # Not a dead worker: the loader's own error, or one describing it.
+        assert not isinstance(info.value, WorkerDiedError), info.value
+        if not isinstance(info.value, _procs.BadStrError):
+            assert "BadStrError" in str(info.value)
+        np.testing.assert_array_equal(ds[4], [4])
+        assert set(ds.worker_pids) == pids  # no worker died
+
+
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_worker_init_runs_once_per_worker_with_its_index(tmp_path, start_method):
+    log = tmp_path / "init.log"
+    with PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(12),
+        batch_size=2,
+        num_workers=3,
+        start_method=start_method,
+        worker_init=functools.partial(_procs.record_init, path=str(log)),
+    ) as ds:
+        for _ in range(2):
+            for i in range(len(ds)):
+                ds[i]
+            ds.on_epoch_end()
+        pids = set(ds.worker_pids)
+    calls = _procs.read_init_log(log)
+    assert sorted(index for _, index in calls) == [0, 1, 2]
+    assert {pid for pid, _ in calls} == pids
+
+
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_raising_worker_init_gives_its_error_then_worker_start_error(
+    tmp_path, start_method
+):
+    log = tmp_path / "init.log"
+    ds = PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(12),
+        batch_size=2,
+        num_workers=2,
+        start_method=start_method,
+        worker_init=functools.partial(_procs.raising_init, path=str(log)),
+    )
+    try:
+        with pytest.raises(_procs.InitError) as info:
+            ds[0]
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert "raising_init" in notes, notes  # the worker's traceback
+        # Later reads fail at once, and no worker is started again.
+        for i in range(4):
+            with pytest.raises(keras_oom.WorkerStartError):
+                ds[i % len(ds)]
+    finally:
+        ds.close()
+    calls = len(_procs.read_init_log(log))
+    assert 1 <= calls <= 2, calls  # at most one try per slot: no restart loop
