@@ -42,7 +42,9 @@ from hypothesis.stateful import (
 from keras_oom.pool import Arrived, Joined, Lost
 from keras_oom.schedule import OrderWatch, ReReadCache, Schedule
 
-pytestmark = pytest.mark.timeout(60)
+# No processes here; the limit leaves Hypothesis time to shrink a failure
+# (a minute or two), which a green run never needs (a few seconds).
+pytestmark = pytest.mark.timeout(300)
 
 # Waits in one read in which anything may happen; then the pool calms down
 # (every busy worker delivers, every vacant slot restarts), and the read must
@@ -309,25 +311,28 @@ class ScheduleMachine(RuleBasedStateMachine):
             return (self.epoch, 0)
         return self._key(self._lin(self.last) + 1)
 
-    @rule(data=st.data())
-    def read(self, data):
-        """`PrefetchLoaderDataset._fetch`: must end with this key's outcome."""
+    def _pick_key(self, data):
         how = data.draw(st.sampled_from(["next", "next", "next", "same", "random"]))
         if how == "next" or (how == "same" and self.last is None):
-            key = self._next_key()
-        elif how == "same":
-            key = self.last
-        else:
-            key = (
-                data.draw(st.integers(max(0, self.epoch - 1), self.epoch + 2)),
-                data.draw(st.integers(0, self.bpe - 1)),
-            )
+            return self._next_key()
+        if how == "same":
+            return self.last
+        return (
+            data.draw(st.integers(max(0, self.epoch - 1), self.epoch + 2)),
+            data.draw(st.integers(0, self.bpe - 1)),
+        )
+
+    def _fetch(self, data, key, interrupt_after=None):
+        """`PrefetchLoaderDataset._fetch`; False if interrupted (Ctrl-C in
+        `pool.wait()`) after `interrupt_after` waits."""
         self._apply(self._wait(data, block=False))
         self._request(key)
         self._dispatch()
         done, outcome = self._take(key)
         waits = 0
         while not done:
+            if waits == interrupt_after:
+                return False
             waits += 1
             assert waits <= WILD_WAITS + CALM_WAITS, f"waits forever for {key}"
             if waits <= WILD_WAITS:
@@ -340,8 +345,20 @@ class ScheduleMachine(RuleBasedStateMachine):
             done, outcome = self._take(key)
         self._dispatch()
         assert outcome.key == key and outcome.serial in self.handed
+        return True
+
+    @rule(data=st.data())
+    def read(self, data):
+        """`ds[i]`: must end with this key's outcome (a batch or an error)."""
+        key = self._pick_key(data)
+        assert self._fetch(data, key)
         self.last = key
         self.epoch = max(self.epoch, key[0])
+
+    @rule(data=st.data(), waits=st.integers(0, 2))
+    def read_interrupted(self, data, waits):
+        """Ctrl-C while `ds[i]` waits: the key stays wanted, no outcome lost."""
+        self._fetch(data, self._pick_key(data), interrupt_after=waits)
 
     @rule(data=st.data())
     def pool_reports(self, data):
