@@ -370,6 +370,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                 "are gone. Build a new dataset to load more batches."
             )
         if self._pool is not None:
+            self._pool.raise_if_broken()  # at once, even for a kept batch
             return self._pool
         pool = WorkerPool(
             self._worker_setup(),

@@ -415,3 +415,33 @@ def features_loader(ids):
     """Three float32 features per sample, for a small Keras model."""
     ids = np.asarray(ids, dtype=np.float32)
     return np.stack([ids, ids * 0.5, -ids], axis=1) / 10
+
+
+class InterruptingUnpickle:
+    """A batch whose unpickling in the parent sends the parent Ctrl-C.
+
+    Pickled in a worker, rebuilt in the parent: `_rebuild_interrupting`
+    sends SIGINT to the process that unpickles it, so a test can land a
+    KeyboardInterrupt exactly while the pool decodes a batch.
+    """
+
+    def __init__(self, ids):
+        self.ids = np.asarray(ids)
+
+    def __reduce__(self):
+        return (_rebuild_interrupting, (self.ids, os.getpid()))
+
+
+def _rebuild_interrupting(ids, pickled_in):
+    if os.getpid() != pickled_in:
+        os.kill(os.getpid(), signal.SIGINT)
+    obj = InterruptingUnpickle.__new__(InterruptingUnpickle)
+    obj.ids = ids
+    return obj
+
+
+def interrupting_loader(ids):
+    """Batch 2 (ids 4 and 5 at batch size 2) interrupts its own unpickling."""
+    if 4 in ids:
+        return InterruptingUnpickle(ids)
+    return ids * 2

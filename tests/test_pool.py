@@ -341,3 +341,45 @@ def _capture(fn, errors):
         fn()
     except BaseException as e:
         errors.append(e)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_a_batch_is_unpickled_leaves_it_readable():
+    """Issue 8.1: a KeyboardInterrupt that lands while the parent unpickles
+    a batch (here batch 2, loaded ahead during an earlier read) is delivered
+    once the pool's state is consistent; every batch can then be read, and
+    batch 2 is not loaded (nor interrupted) a second time."""
+    interrupts = 0
+
+    def read(ds, i):
+        nonlocal interrupts
+        for _ in range(3):
+            try:
+                return ds[i]
+            except KeyboardInterrupt:
+                interrupts += 1
+        raise AssertionError(f"batch {i} kept being interrupted")
+
+    with PrefetchLoaderDataset(
+        _procs.interrupting_loader, np.arange(12), batch_size=2, num_workers=2
+    ) as ds:
+        np.testing.assert_array_equal(read(ds, 0), [0, 2])
+        np.testing.assert_array_equal(read(ds, 1), [4, 6])
+        value = read(ds, 2)
+        assert isinstance(value, _procs.InterruptingUnpickle)
+        np.testing.assert_array_equal(value.ids, [4, 5])
+        np.testing.assert_array_equal(read(ds, 3), [12, 14])
+    assert interrupts == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
+    with PrefetchLoaderDataset(
+        _procs.ids_loader, np.arange(12), batch_size=2, num_workers=2
+    ) as ds:
+        ds[0]
+        ds[1]  # both kept for a re-read (TensorFlow's pattern)
+        ds._pool._break(RuntimeError("no more workers"))
+        for i in (0, 1, 2):
+            with pytest.raises((RuntimeError, keras_oom.WorkerStartError)):
+                ds[i]
