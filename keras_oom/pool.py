@@ -13,9 +13,10 @@ Data flow (parent on the left, one worker on the right):
       |   sentinel, the nearest timeout and      |
       |   the next restart of a vacant slot      |
       v                                          |
-    Events: Arrived(slot, key, Outcome) <------ Loaded | Failed (protocol.py)
-            Lost(slot, key, Outcome | None)     array data via memfd
-            Joined(slot)                        (transport.py)
+    take_events():                               |
+      Arrived(slot, key, Outcome) <--------- Loaded | Failed (protocol.py)
+      Lost(slot, key, Outcome | None)        array data via memfd
+      Joined(slot)                           (transport.py)
 
 - The parent sends a worker a request only when the schedule says it is
   idle, so each worker has at most one batch in flight.
@@ -312,6 +313,7 @@ class WorkerPool:
         # starting worker is one failure of each slot, not a broken pool.
         self._failures = [0] * size
         self.retired_cpu_seconds = 0.0  # of workers that are gone, for stats
+        self._events: list[Event] = []  # until take_events()
         # Guards the slots against close() from another thread (or a
         # finalizer) while the owner replaces a worker.
         self._state_lock = threading.Lock()
@@ -319,16 +321,24 @@ class WorkerPool:
         self._owner_pid = os.getpid()
         _LIVE_POOLS.add(self)
 
-    def start(self) -> list[Event]:
-        """Starts a worker in every slot; `Joined` for each that started."""
-        events: list[Event] = []
+    def start(self) -> None:
+        """Starts a worker in every slot (`Joined` for each, in `take_events`)."""
         try:
             for slot in range(len(self._slots)):
-                self._fill(slot, events)
+                self._fill(slot, self._events)
             self.raise_if_broken()
         except BaseException:
             self.close()  # no worker may outlive a start that raised
             raise
+
+    def take_events(self) -> list[Event]:
+        """The events since the last call, oldest first.
+
+        Events stay in the pool until taken, so a KeyboardInterrupt that
+        lands after `wait()` has read a message, but before its caller has
+        applied the event, cannot lose it: the next call returns it.
+        """
+        events, self._events = self._events, []
         return events
 
     # -- starting workers ---------------------------------------------------
@@ -475,19 +485,19 @@ class WorkerPool:
         with contextlib.suppress(OSError):  # if it died, wait() reports it Lost
             w.conn.send(load._replace(released=released))
 
-    def wait(self, timeout: float | None = None) -> list[Event]:
+    def wait(self, timeout: float | None = None) -> None:
         """Waits until something happens, or `timeout` seconds pass.
 
-        Returns:
-            The events since the last call, possibly none after `timeout`.
+        What happened is kept for `take_events()`; with events not yet
+        taken, it returns at once.
         """
         self._check_open()
         self.raise_if_broken()
-        events: list[Event] = []
+        events = self._events
         with deferred_interrupts():
             self._refill(events)
         if events or not self.expecting():
-            return events
+            return
         live = [w for w in self._slots if w is not None]
         vacant = [s for s, w in enumerate(self._slots) if w is None]
         deadlines = [self._retry_at[s] - time.monotonic() for s in vacant]
@@ -517,7 +527,6 @@ class WorkerPool:
                     if w.key is not None and now >= self._deadline(w):
                         self._lose(w, events, timed_out=True)
             self._refill(events)
-        return events
 
     def expecting(self) -> bool:
         """Whether `wait()` has something to wait for: a batch in flight, or

@@ -382,11 +382,11 @@ class PrefetchLoaderDataset(LoaderDataset):
         # Deferred: a Ctrl-C here must leave either no pool (the next read
         # starts one) or a pool that this dataset owns and will close.
         with deferred_interrupts():
-            events = pool.start()  # closes the pool if it raises
+            pool.start()  # closes the pool if it raises
             self._pool, self._schedule = pool, schedule
             self._finalizer = weakref.finalize(self, pool.close)
             self._cpu_at_start = time.process_time()
-            self._apply(events)
+            self._apply(pool.take_events())
         self._restart_window()
         return pool
 
@@ -402,7 +402,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         pool, schedule = self._pool, self._schedule
         assert pool is not None and schedule is not None
         with deferred_interrupts():
-            self._apply(pool.wait(0))  # what arrived meanwhile frees workers
+            pool.wait(0)  # what arrived meanwhile frees workers
+            self._apply(pool.take_events())
             schedule.request(key)
             self._dispatch()
         done, outcome = schedule.take(key)
@@ -417,9 +418,9 @@ class PrefetchLoaderDataset(LoaderDataset):
                     f"worker is loading it (held: {schedule.held()}). Please "
                     f"report this."
                 )
-            events = pool.wait()
+            pool.wait()  # a Ctrl-C here leaves what it read in the pool
             with deferred_interrupts():
-                self._apply(events)
+                self._apply(pool.take_events())
                 self._dispatch()
             done, outcome = schedule.take(key)
         with deferred_interrupts():
