@@ -216,7 +216,9 @@ class ZeroCopyMemmapLoader(MemmapLoader):
             self._mm = np.load(self.path, mmap_mode="r")
         ids = np.asarray(ids)
         out = keras_oom.batch_array((len(ids), self._mm.shape[1]), self._mm.dtype)
-        np.take(self._mm, ids, axis=0, out=out)
+        # mode="clip": with the default mode="raise", NumPy buffers `out`,
+        # which would add the very copy batch_array exists to avoid.
+        np.take(self._mm, ids, axis=0, out=out, mode="clip")
         if self.sleep or self.cpu_passes:
             import time
 
