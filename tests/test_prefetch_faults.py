@@ -557,6 +557,7 @@ def memfd_mappings() -> list[str]:
 @pytest.mark.timeout(120)
 def test_no_resource_growth_over_many_epochs():
     shm_before = _procs.shm_files()
+    maps_before = set(memfd_mappings())
     gc.collect()
     fds0, threads0 = _procs.open_fds(), threading.active_count()
     children0 = _procs.worker_descendants()
@@ -601,5 +602,5 @@ def test_no_resource_growth_over_many_epochs():
     assert _procs.wait_gone(pids) == []
     assert _procs.open_fds() <= fds0
     assert threading.active_count() <= threads0
-    assert memfd_mappings() == []
+    assert set(memfd_mappings()) <= maps_before  # see test_transport's note
     assert _procs.shm_files() - shm_before == set()

@@ -71,6 +71,13 @@ def array_nbytes(value) -> int:
 
 
 def memfd_mappings() -> list[str]:
+    """This process's mappings of keras_oom buffers.
+
+    Tests compare them with what was mapped before they ran, not with none:
+    under TensorFlow, a `fit` in an earlier test can leave tf.data holding
+    its last batch (an array on one of these buffers) for the process's
+    lifetime.
+    """
     with open("/proc/self/maps") as f:
         return [line for line in f if "keras_oom_batch" in line]
 
@@ -189,14 +196,14 @@ def test_released_buffers_are_reused(channel):
 
 
 def test_no_mapping_outlives_the_reader_and_its_arrays():
-    assert memfd_mappings() == []
+    before = set(memfd_mappings())  # see memfd_mappings
     ch = Channel()
     batches = [ch.roundtrip(np.ones((256, 1024), np.float32))[1] for _ in range(3)]
     assert len(memfd_mappings()) >= 3  # the worker's maps and the parent's
     ch.close()
     del ch, batches
     gc.collect()
-    assert memfd_mappings() == []
+    assert set(memfd_mappings()) <= before
 
 
 def in_forked_child(check) -> str:
@@ -277,6 +284,7 @@ def test_forgetting_mappings_already_gone_is_a_no_op():
 
 @pytest.mark.timeout(90)
 def test_roundtrip_through_real_workers():
+    before = set(memfd_mappings())
     ids = np.arange(_procs.N_CASES)
     with PrefetchLoaderDataset(
         _procs.case_loader, ids, batch_size=1, num_workers=2
@@ -296,7 +304,7 @@ def test_roundtrip_through_real_workers():
         assert in_memfd(big)
         del big, held, got
     gc.collect()
-    assert memfd_mappings() == []
+    assert set(memfd_mappings()) <= before
 
 
 @pytest.mark.skipif(
@@ -441,6 +449,7 @@ def test_a_batch_array_sent_and_kept_by_both_sides_stays_lent(worker_channel):
 
 @pytest.mark.timeout(90)
 def test_batch_array_through_real_workers():
+    before = set(memfd_mappings())
     ids = np.arange(32)
     with PrefetchLoaderDataset(
         _sample_loaders.kept_batch_loader, ids, batch_size=8, num_workers=2
@@ -456,7 +465,7 @@ def test_batch_array_through_real_workers():
             assert mapping_of(batch)[1] == 0
         del batches, batch
     gc.collect()
-    assert memfd_mappings() == []
+    assert set(memfd_mappings()) <= before
 
 
 def memfd_inodes(pid: int | str = "self") -> set[int]:
