@@ -146,6 +146,8 @@ class LoaderDataset(keras.utils.PyDataset):
         self._repeat = bool(repeat)
         self._epoch = 0
         self._passes = TrainingPasses()
+        # Read once: the loader (or the subclass's `load`) cannot change.
+        self._wants_rng = seeding.accepts_rng(self._batch_loader())
 
     # -- what Keras reads ---------------------------------------------------
 
@@ -181,7 +183,7 @@ class LoaderDataset(keras.utils.PyDataset):
         fn = self._batch_loader()
         seed = self._source.seed_of(epoch, batch)
         try:
-            x = call_loader(fn, seeding.accepts_rng(fn), ids, seed)
+            x = call_loader(fn, self._wants_rng, ids, seed)
         except Exception as e:
             where = f"batch {self._global_index(epoch, batch)}"
             add_note(e, f"keras_oom: while loading {where}, ids {describe_ids(ids)}")
