@@ -63,9 +63,7 @@ def fork_hazards() -> list[str]:
     if others:
         names = ", ".join(repr(t.name) for t in others[:3])
         more = ", ..." if len(others) > 3 else ""
-        hazards.append(
-            f"{_count(len(others), 'other Python thread')} ({names}{more})"
-        )
+        hazards.append(f"{_count(len(others), 'other Python thread')} ({names}{more})")
     hazards += _native_thread_hazards()
     return hazards
 
