@@ -37,34 +37,57 @@ Data flow (parent on the left, one worker on the right):
 How workers start (`start_method`):
 
 - `"fork"` (the default while it is safe): fast, and nothing is pickled.
-  Forking a process in which JAX, TensorFlow or CUDA runs threads can
-  deadlock the child, so once one of them has started, the default (chosen
-  again for each start) switches to:
-- `"subprocess"`: a fresh interpreter (`python -c`), in a session of its
-  own so that a terminal's Ctrl-C never reaches it, with the parent's
+  A forked child has none of the parent's other threads, and a thread pool
+  that does not prepare for fork (GNU OpenMP, under torch and scikit-learn)
+  deadlocks it. `forksafe.fork_hazards()` reads which threads run (from
+  /proc) before every start; with any hazard the default switches to:
+- `"subprocess"`: a fresh interpreter (`python -c`), with the parent's
   `sys.path` and the loader pickled by value with `cloudpickle`. Unlike
   `multiprocessing`'s `"spawn"` and `"forkserver"`, it does not re-import
   the user's main module, so an unguarded training script is not re-run.
-- `"spawn"` and `"forkserver"`: `multiprocessing`'s own, on request.
+- `"spawn"` and `"forkserver"`: `multiprocessing`'s own, on request. An
+  explicit `"fork"` forks even beside a hazard, with one warning per pool.
+- Every start runs under `_LAUNCH_LOCK`, and a forked worker first closes
+  every descriptor the pool holds (`_OWNED_FDS`): the parent ends of all
+  worker sockets, its own included, and pidfds.
+- Each worker leads a session and process group of its own (worker.py),
+  which the processes its loader starts inherit; a terminal's Ctrl-C
+  reaches none of them. Workers are not daemonic, so a loader may start
+  processes, and they are in no list of `multiprocessing`'s: the pool
+  alone ends them (`_Process`).
 
-How a pool ends, and what handles each case:
+How a pool ends, and what handles each case. Every process the pool
+starts is ended and reaped by the pool, whichever way it leaves, with its
+process group (the processes its loader started):
 
-- `close()`: every socket is closed (idle workers exit on end-of-file),
-  then the remaining workers get SIGTERM, then SIGKILL after a short grace.
-  It may come from another thread while the owner waits: the owner wakes
-  with `DatasetClosedError`. Each worker is released exactly once.
+- `close()`: each worker gets a goodbye (`None`) and its socket is closed
+  (idle workers exit, running their clean-up), then the remaining groups
+  get SIGTERM, then `_release` kills what is left of each group (SIGKILL)
+  and reaps the worker. It may come from another thread while the owner
+  waits: the owner wakes with `DatasetClosedError`. Each worker is
+  released exactly once, and a worker started while close() runs is
+  ended by its starter.
 - The owner is garbage collected, or the interpreter exits: the dataset's
-  `weakref.finalize` calls `close()`.
-- A worker dies: its sentinel wakes `wait`, and the slot restarts.
-- The parent dies, even by SIGKILL: each worker watches the parent's pidfd
-  in a thread and exits at once (worker.py).
+  `weakref.finalize` calls `close()`. (`multiprocessing`'s exit handler,
+  which joins non-daemonic children, does not know the workers.)
+- A worker dies (a crash, the OOM killer, a kill by hand): its pidfd wakes
+  `wait`, `_lose` kills what is left of its group, and the slot restarts.
+- A worker's stream breaks while it runs (a reply that does not decode),
+  or its batch outlives `timeout`: `_lose` ends it, with its group.
+- A start fails after its process exists: the starter ends the process.
+- The parent dies, even by SIGKILL: each worker sees end-of-file without a
+  goodbye, or its thread watching the parent's pidfd wakes, and kills its
+  own group at once (worker.py).
 - Ctrl-C: workers ignore SIGINT. In the parent, state changes run with
   SIGINT deferred (`deferred_interrupts`), so a KeyboardInterrupt lands only
   between consistent states, never between a message and its descriptor.
 - The user's process forks (`os.fork()`): the child inherits the pool's
-  sockets but must not use them, and `multiprocessing`'s exit handler in
-  the child would terminate our workers; an at-fork hook takes them out of
-  its list, and `close()` in the child only lets go of the sockets.
+  descriptors but must not use them; `close()` in the child only lets go
+  of them, and an at-fork hook gives the child fresh locks.
+- What is not covered: a process the loader started that leaves the
+  worker's group on purpose (`setsid`, `start_new_session=True`) is its
+  own; and where the kernel has no pidfds (Linux before 5.3), the death of
+  a worker whose loader's children live on is seen only once they end.
 """
 
 from __future__ import annotations
@@ -437,10 +460,13 @@ _UNREAPED: list[_Process] = []
 
 def _reap_leftovers() -> None:
     for p in list(_UNREAPED):
-        if p.exitcode is not None:
-            with contextlib.suppress(ValueError):
-                _UNREAPED.remove(p)
-            p._reap()
+        if p.exitcode is None:
+            continue
+        with _RELEASE_LOCK:  # one thread reaps each
+            if p not in _UNREAPED:
+                continue
+            _UNREAPED.remove(p)
+        p._reap()
 
 
 def _pidfds_work() -> bool:

@@ -5,6 +5,14 @@ deep learning backend, so a worker started as a fresh interpreter is ready in
 a fraction of a second and starts no backend threads. The messages it sends
 and receives are in `protocol.py`.
 
+A worker first closes the pool's descriptors a fork copied into it, then
+leads a session and process group of its own (`_lead_own_group`): the
+processes its loader starts share that group, and the pool ends them all
+together. It is not a daemonic process, so a loader may start processes.
+A goodbye (`None`) from the pool ends it normally; a stream that just ends,
+or its parent's death (watched through a pidfd), makes it kill its whole
+group at once (`_end_group`), since nobody else would end those processes.
+
 Before each batch the worker reseeds NumPy's global generator, `random`
 and (if the loader imported it) torch's from the batch's `(seed, epoch,
 position)`, so a loader that draws from them gets a stream of its own per

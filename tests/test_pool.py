@@ -927,3 +927,22 @@ def test_interpreter_exit_with_an_open_dataset_whose_loader_has_a_pool(
     workers = _procs.parse_pids(line)
     assert _procs.wait_gone(workers, 5.0) == []
     assert _procs.wait_gone(_launch_loaders.read_pids(log), 5.0) == []
+
+
+@pytest.mark.timeout(30)
+def test_fork_hazards_count_a_running_python_thread_and_forget_an_ended_one():
+    """Kind B: a Python thread that runs may hold a lock the child needs; once
+    it has ended (and the kernel has let its task go), it counts no more."""
+    from keras_oom.forksafe import fork_hazards
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, name="held-lock-thread")
+    thread.start()
+    try:
+        found = [h for h in fork_hazards() if "Python thread" in h]
+        assert len(found) == 1 and "held-lock-thread" in found[0], found
+        assert pool_module.default_start_method() == "subprocess"
+    finally:
+        release.set()
+        thread.join(10)
+    assert not [h for h in fork_hazards() if "Python thread" in h]
