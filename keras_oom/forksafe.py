@@ -54,8 +54,8 @@ def fork_hazards() -> list[str]:
     """What in this process could deadlock a child forked from it now.
 
     Returns:
-        One sentence per hazard found (e.g. `"2 native threads that neither
-        Python nor OpenBLAS started (likely GNU OpenMP's pool,
+        One clause per hazard found (e.g. `"2 native threads run that
+        neither Python nor OpenBLAS started (likely GNU OpenMP's pool,
         libgomp.so.1)"`); an empty list when forking is safe.
     """
     hazards = _framework_hazards()
@@ -63,7 +63,8 @@ def fork_hazards() -> list[str]:
     if others:
         names = ", ".join(repr(t.name) for t in others[:3])
         more = ", ..." if len(others) > 3 else ""
-        hazards.append(f"{_count(len(others), 'other Python thread')} ({names}{more})")
+        runs = _count(len(others), "other Python thread", "runs", "run")
+        hazards.append(f"{runs} ({names}{more})")
     hazards += _native_thread_hazards()
     return hazards
 
@@ -108,8 +109,8 @@ def _native_thread_hazards() -> list[str]:
         if os.path.basename(path).startswith(prefix)
     ]
     likely = f"likely {'; '.join(pools)}" if pools else "of unknown origin"
-    threads = _count(count, "native thread")
-    return [f"{threads} that neither Python nor OpenBLAS started ({likely})"]
+    runs = _count(count, "native thread", "runs", "run")
+    return [f"{runs} that neither Python nor OpenBLAS started ({likely})"]
 
 
 def _thread_ids() -> set[int] | None:
@@ -177,5 +178,8 @@ def _openblas_threads(path: str) -> int:
         return 0
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def _count(n: int, noun: str, verb: str = "", verbs: str = "") -> str:
+    """`_count(2, "thread", "runs", "run")` -> `"2 threads run"`."""
+    said = f"{n} {noun}{'' if n == 1 else 's'}"
+    verb = verb if n == 1 else verbs
+    return f"{said} {verb}" if verb else said

@@ -251,12 +251,13 @@ def _fork_is_safe() -> bool:
 
 def _fork_warning(hazards: list[str]) -> str:
     return (
-        f"start_method='fork': forking this process can deadlock its "
-        f"workers, because {'; '.join(hazards)}. A child forked now has "
-        f"none of these threads, and its first parallel region (a torch op, "
-        f"scikit-learn's compiled code, any OpenMP loop in the loader) can "
-        f"wait for them forever. Use start_method=None, which picks "
-        f"'subprocess' here, or 'subprocess'."
+        f"start_method='fork': forking this process now can deadlock its "
+        f"workers: {'; '.join(hazards)}. A forked child has none of these "
+        f"threads, and whatever they hold (a lock, a thread pool's state) "
+        f"stays held there: a worker whose loader enters such a pool (a "
+        f"torch op, scikit-learn's compiled code, an OpenMP loop) waits "
+        f"forever. Use start_method=None, which picks 'subprocess' here, "
+        f"or 'subprocess'."
     )
 
 
