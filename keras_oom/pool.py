@@ -37,34 +37,57 @@ Data flow (parent on the left, one worker on the right):
 How workers start (`start_method`):
 
 - `"fork"` (the default while it is safe): fast, and nothing is pickled.
-  Forking a process in which JAX, TensorFlow or CUDA runs threads can
-  deadlock the child, so once one of them has started, the default (chosen
-  again for each start) switches to:
-- `"subprocess"`: a fresh interpreter (`python -c`), in a session of its
-  own so that a terminal's Ctrl-C never reaches it, with the parent's
+  A forked child has none of the parent's other threads, and a thread pool
+  that does not prepare for fork (GNU OpenMP, under torch and scikit-learn)
+  deadlocks it. `forksafe.fork_hazards()` reads which threads run (from
+  /proc) before every start; with any hazard the default switches to:
+- `"subprocess"`: a fresh interpreter (`python -c`), with the parent's
   `sys.path` and the loader pickled by value with `cloudpickle`. Unlike
   `multiprocessing`'s `"spawn"` and `"forkserver"`, it does not re-import
   the user's main module, so an unguarded training script is not re-run.
-- `"spawn"` and `"forkserver"`: `multiprocessing`'s own, on request.
+- `"spawn"` and `"forkserver"`: `multiprocessing`'s own, on request. An
+  explicit `"fork"` forks even beside a hazard, with one warning per pool.
+- Every start runs under `_LAUNCH_LOCK`, and a forked worker first closes
+  every descriptor the pool holds (`_OWNED_FDS`): the parent ends of all
+  worker sockets, its own included, and pidfds.
+- Each worker leads a session and process group of its own (worker.py),
+  which the processes its loader starts inherit; a terminal's Ctrl-C
+  reaches none of them. Workers are not daemonic, so a loader may start
+  processes, and they are in no list of `multiprocessing`'s: the pool
+  alone ends them (`_Process`).
 
-How a pool ends, and what handles each case:
+How a pool ends, and what handles each case. Every process the pool
+starts is ended and reaped by the pool, whichever way it leaves, with its
+process group (the processes its loader started):
 
-- `close()`: every socket is closed (idle workers exit on end-of-file),
-  then the remaining workers get SIGTERM, then SIGKILL after a short grace.
-  It may come from another thread while the owner waits: the owner wakes
-  with `DatasetClosedError`. Each worker is released exactly once.
+- `close()`: each worker gets a goodbye (`None`) and its socket is closed
+  (idle workers exit, running their clean-up), then the remaining groups
+  get SIGTERM, then `_release` kills what is left of each group (SIGKILL)
+  and reaps the worker. It may come from another thread while the owner
+  waits: the owner wakes with `DatasetClosedError`. Each worker is
+  released exactly once, and a worker started while close() runs is
+  ended by its starter.
 - The owner is garbage collected, or the interpreter exits: the dataset's
-  `weakref.finalize` calls `close()`.
-- A worker dies: its sentinel wakes `wait`, and the slot restarts.
-- The parent dies, even by SIGKILL: each worker watches the parent's pidfd
-  in a thread and exits at once (worker.py).
+  `weakref.finalize` calls `close()`. (`multiprocessing`'s exit handler,
+  which joins non-daemonic children, does not know the workers.)
+- A worker dies (a crash, the OOM killer, a kill by hand): its pidfd wakes
+  `wait`, `_lose` kills what is left of its group, and the slot restarts.
+- A worker's stream breaks while it runs (a reply that does not decode),
+  or its batch outlives `timeout`: `_lose` ends it, with its group.
+- A start fails after its process exists: the starter ends the process.
+- The parent dies, even by SIGKILL: each worker sees end-of-file without a
+  goodbye, or its thread watching the parent's pidfd wakes, and kills its
+  own group at once (worker.py).
 - Ctrl-C: workers ignore SIGINT. In the parent, state changes run with
   SIGINT deferred (`deferred_interrupts`), so a KeyboardInterrupt lands only
   between consistent states, never between a message and its descriptor.
 - The user's process forks (`os.fork()`): the child inherits the pool's
-  sockets but must not use them, and `multiprocessing`'s exit handler in
-  the child would terminate our workers; an at-fork hook takes them out of
-  its list, and `close()` in the child only lets go of the sockets.
+  descriptors but must not use them; `close()` in the child only lets go
+  of them, and an at-fork hook gives the child fresh locks.
+- What is not covered: a process the loader started that leaves the
+  worker's group on purpose (`setsid`, `start_new_session=True`) is its
+  own; and where the kernel has no pidfds (Linux before 5.3), the death of
+  a worker whose loader's children live on is seen only once they end.
 """
 
 from __future__ import annotations
@@ -80,7 +103,7 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
+import warnings
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any, NamedTuple
@@ -92,6 +115,7 @@ from keras_oom.errors import (
     WorkerStartError,
     WorkerTimeoutError,
 )
+from keras_oom.forksafe import fork_hazards
 from keras_oom.protocol import (
     Failed,
     Load,
@@ -118,11 +142,22 @@ MAX_START_FAILURES = 3
 _RETRY_PAUSE = 0.05
 # select() and its kin overflow past ~24.8 days; waits are cut into pieces.
 _MAX_WAIT = 3600.0
+# A worker given up on (its stream broke) is usually exiting: how long to
+# wait for its exit code before ending it. And how long a SIGKILLed process
+# may take to die before it is left to be reaped later.
+_LOSE_GRACE = 1.0
+_KILL_GRACE = 1.0
 
-# Every open pool of this process: a forked worker closes their sockets, which
-# it inherits but must not hold (a held socket hides end-of-file from the
-# worker on the other end).
-_LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+# The descriptors the pool holds in this process: the parent ends of worker
+# sockets, and pidfds. A forked worker inherits every descriptor of its
+# parent and must close these first: holding a parent end (its own among
+# them) hides end-of-file from the worker on the other end, which then
+# never learns that the pool let it go. `_LAUNCH_LOCK` makes "open and
+# register", "unregister and close" and "list and fork" atomic with respect
+# to each other, so a fork never misses a descriptor, nor passes a stale
+# number that names something else by then.
+_LAUNCH_LOCK = threading.RLock()
+_OWNED_FDS: set[int] = set()
 
 
 @dataclasses.dataclass
@@ -183,7 +218,26 @@ def pickle_setup(setup: WorkerSetup, method: str) -> bytes:
 
 
 def default_start_method() -> str:
-    """Returns `"fork"` where forking is safe now, else `"subprocess"`."""
+    """The start method that `start_method=None` picks now.
+
+    Decided again for every worker start, from what runs in this process
+    at that moment (see `keras_oom.forksafe`).
+
+    Returns:
+        `"fork"` where a forked child cannot deadlock: no thread runs but
+        the caller's and those of fork-safe pools (NumPy's OpenBLAS), and
+        neither JAX's runtime, TensorFlow nor CUDA has started. Otherwise
+        `"subprocess"`, which is always safe.
+
+    Example:
+
+    ```python
+    >>> from keras_oom.pool import default_start_method
+    >>> default_start_method() in ("fork", "subprocess")
+    True
+
+    ```
+    """
     if _fork_is_safe():
         return "fork"
     return "subprocess"
@@ -192,17 +246,19 @@ def default_start_method() -> str:
 def _fork_is_safe() -> bool:
     if "fork" not in multiprocessing.get_all_start_methods():
         return False
-    # Threads the child would inherit mid-operation, holding locks that
-    # nobody will release there.
-    if threading.active_count() > 1:
-        return False
-    xla_bridge = sys.modules.get("jax._src.xla_bridge")
-    if xla_bridge is not None and getattr(xla_bridge, "_backends", None):
-        return False
-    if "tensorflow" in sys.modules:
-        return False
-    torch_cuda = sys.modules.get("torch.cuda")
-    return torch_cuda is None or not torch_cuda.is_initialized()
+    return not fork_hazards()
+
+
+def _fork_warning(hazards: list[str]) -> str:
+    return (
+        f"start_method='fork': forking this process now can deadlock its "
+        f"workers: {'; '.join(hazards)}. A forked child has none of these "
+        f"threads, and whatever they hold (a lock, a thread pool's state) "
+        f"stays held there: a worker whose loader enters such a pool (a "
+        f"torch op, scikit-learn's compiled code, an OpenMP loop) waits "
+        f"forever. Use start_method=None, which picks 'subprocess' here, "
+        f"or 'subprocess'."
+    )
 
 
 @contextlib.contextmanager
@@ -251,30 +307,219 @@ class _Worker:
         self.released = False
 
 
-class _SubprocessHandle:
-    """The parts of `multiprocessing.Process` the pool uses, for a Popen."""
+class _Process:
+    """A worker process as the pool handles it, whatever started it.
 
-    def __init__(self, popen: subprocess.Popen, sentinel: int) -> None:
-        self._popen = popen
-        self.pid = popen.pid
-        self.sentinel = sentinel
+    - `sentinel` becomes readable once the process has exited. It is a
+      pidfd where the kernel has them: the start method's own sentinel is
+      a pipe whose write end the worker holds, and so does every process
+      its loader forks, which would hide the worker's death while those
+      live.
+    - `exitcode` does not reap. The pid stays the worker's until `close()`,
+      so signalling its process group (the worker leads one, pgid == pid:
+      worker.py) cannot reach a stranger that got the pid again.
+    - `terminate()` and `kill()` signal the group: the worker and every
+      process its loader started (they inherit the group, unless they
+      leave it on purpose).
+    - `close()` kills what is left of the group, reaps and releases: after
+      it, nothing of the worker runs.
+
+    A `"forkserver"` worker is the fork server's child, which reaps it:
+    its group is signalled only while it runs.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        process: Any = None,
+        popen: subprocess.Popen | None = None,
+        sentinel: int | None = None,
+        pipe: int | None = None,
+        own_child: bool = True,
+    ) -> None:
+        self.pid = pid
+        self._process = process  # a multiprocessing.Process, or
+        self._popen = popen  # a subprocess.Popen
+        self._pipe = pipe  # our own end-of-file sentinel, if no pidfd
+        self._own_child = own_child
+        self._pidfd = _open_pidfd(pid)
+        fallback = sentinel if sentinel is not None else pipe
+        chosen = self._pidfd if self._pidfd is not None else fallback
+        assert chosen is not None, "a process without any sentinel"
+        self.sentinel: int = chosen
+        self._exitcode: int | None = None
+        self._reaped = False
+        self._closed = False
 
     @property
     def exitcode(self) -> int | None:
-        return self._popen.poll()
+        """The exit code (negative: killed by that signal), None while running."""
+        if self._exitcode is None:
+            self._exitcode = self._peek()
+        return self._exitcode
+
+    def _peek(self) -> int | None:
+        if self._own_child and not self._reaped:
+            try:
+                info = os.waitid(
+                    os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
+                )
+            except ChildProcessError:
+                # Reaped behind our back (SIGCHLD ignored, an os.wait()
+                # elsewhere): its group is no longer known to be its own.
+                self._own_child = False
+            else:
+                if info is None:
+                    return None
+                if info.si_code == os.CLD_EXITED:
+                    return info.si_status
+                return -info.si_status
+        if self._process is not None:
+            code = self._process.exitcode
+        else:
+            assert self._popen is not None
+            code = self._popen.poll()
+        if code is None and self._pidfd is not None and wait([self._pidfd], 0):
+            return 255  # gone, its status taken by someone else
+        return code
+
+    def _signal(self, signum: int) -> None:
+        if self._reaped:
+            return
+        if self._own_child or self.exitcode is None:
+            try:
+                os.killpg(self.pid, signum)
+                return
+            except ProcessLookupError:
+                pass  # not a group leader (yet): the process alone
+            except PermissionError:
+                pass
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            elif self._own_child:
+                os.kill(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def terminate(self) -> None:
-        self._popen.terminate()
+        self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self._popen.kill()
+        self._signal(signal.SIGKILL)
 
     def join(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._popen.wait(timeout)
+        """Waits until the process has exited, at most `timeout` seconds."""
+        if self.exitcode is None:
+            wait([self.sentinel], timeout)
 
     def close(self) -> None:
-        os.close(self.sentinel)
+        """Kills what is left of the process and its group, reaps, releases.
+
+        Returns within about `_KILL_GRACE` seconds; a process that is not
+        dead by then (stuck in the kernel) is reaped by a later release.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.kill()
+        self.join(_KILL_GRACE)
+        if self.exitcode is None:
+            _UNREAPED.append(self)
+            return
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._process is not None:
+            if self._own_child:
+                self._process.exitcode  # noqa: B018  (waitpid: it has exited)
+            else:  # the fork server reports the status on its own pipe
+                self._process.join(_KILL_GRACE)
+            with contextlib.suppress(ValueError):  # status never reported
+                self._process.close()
+        elif self._popen is not None:
+            self._popen.poll()
+        self._reaped = True
+        self.forget()
+
+    def forget(self) -> None:
+        """Releases this handle's descriptors, leaving the process alone.
+
+        For a copy of the pool in a child of the user's `os.fork()`: the
+        process is the parent's to end.
+        """
+        for fd in (self._pidfd, self._pipe):
+            if fd is not None:
+                _close_fd(fd)
+        self._pidfd = self._pipe = None
+
+
+# Processes killed but not yet dead when released: reaped by a later release.
+_UNREAPED: list[_Process] = []
+
+
+def _reap_leftovers() -> None:
+    for p in list(_UNREAPED):
+        if p.exitcode is None:
+            continue
+        with _RELEASE_LOCK:  # one thread reaps each
+            if p not in _UNREAPED:
+                continue
+            _UNREAPED.remove(p)
+        p._reap()
+
+
+def _pidfds_work() -> bool:
+    """Whether this kernel gives pidfds (Linux 5.3 and later)."""
+    global _PIDFDS
+    if _PIDFDS is None:
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+            _PIDFDS = True
+        except (AttributeError, OSError):
+            _PIDFDS = False
+    return _PIDFDS
+
+
+_PIDFDS: bool | None = None
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A registered pidfd of `pid`, or None where the kernel has none."""
+    if not _pidfds_work():
+        return None
+    with _LAUNCH_LOCK:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone already: the start method's sentinel tells
+            return None
+        _OWNED_FDS.add(fd)
+    return fd
+
+
+def _new_connection() -> tuple[Connection, socket.socket]:
+    """A socket pair: the parent's end (registered) and the child's."""
+    with _LAUNCH_LOCK:
+        parent_sock, child_sock = socket.socketpair()
+        conn = Connection(parent_sock.detach())
+        _OWNED_FDS.add(conn.fileno())
+    return conn, child_sock
+
+
+def _close_conn(conn: Connection) -> None:
+    with _LAUNCH_LOCK:
+        if conn.closed:
+            return
+        _OWNED_FDS.discard(conn.fileno())
+        conn.close()
+
+
+def _close_fd(fd: int) -> None:
+    with _LAUNCH_LOCK:
+        _OWNED_FDS.discard(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class WorkerPool:
@@ -319,7 +564,7 @@ class WorkerPool:
         self._state_lock = threading.Lock()
         self.started_at = time.perf_counter()
         self._owner_pid = os.getpid()
-        _LIVE_POOLS.add(self)
+        self._warned_fork = False  # an explicit "fork" that is unsafe: once
 
     def start(self) -> None:
         """Starts a worker in every slot (`Joined` for each, in `take_events`)."""
@@ -392,78 +637,119 @@ class WorkerPool:
                 raise _Unpicklable(e) from e
         return self._setup_bytes
 
+    def _method_for_start(self) -> str:
+        """The start method of the next worker; warns once per pool when an
+        explicit `"fork"` is unsafe now."""
+        if self._start_method is None:
+            return default_start_method()
+        if self._start_method == "fork" and not self._warned_fork:
+            hazards = fork_hazards()
+            if hazards:
+                self._warned_fork = True
+                warnings.warn(_fork_warning(hazards), RuntimeWarning, stacklevel=2)
+        return self._start_method
+
     def _start_worker(self, slot: int) -> _Worker:
-        method = self._start_method or default_start_method()
-        parent_sock, child_sock = socket.socketpair()
-        conn = Connection(parent_sock.detach())
+        """Starts a worker process for `slot`; raises if it cannot.
+
+        Every start runs under `_LAUNCH_LOCK`, from the socket pair to the
+        moment the parent has closed the child's descriptors: a fork in
+        another thread meanwhile would inherit them, and a forked worker
+        must get the complete list of the pool's descriptors to close.
+        """
+        method = self._method_for_start()
+        setup: Any = self._setup if method == "fork" else self._setup_pickled(method)
+        with _LAUNCH_LOCK:
+            conn, child_sock = _new_connection()
+            try:
+                if method == "subprocess":
+                    process = self._start_subprocess(slot, child_sock)
+                else:
+                    process = self._start_multiprocessing(
+                        method, slot, child_sock, setup
+                    )
+            except BaseException:
+                _close_conn(conn)
+                child_sock.close()
+                raise
         try:
             if method == "subprocess":
-                process: Any = self._start_subprocess(slot, child_sock, conn)
-            else:
-                process = self._start_multiprocessing(method, slot, child_sock)
+                with contextlib.suppress(OSError):  # if it died, its sentinel tells
+                    conn.send_bytes(setup)
+            return _Worker(slot, process, conn)
         except BaseException:
-            conn.close()
-            child_sock.close()
+            # The process exists: a start that fails now must end it.
+            _close_conn(conn)
+            process.close()
             raise
-        return _Worker(slot, process, conn)
 
     def _start_multiprocessing(
-        self, method: str, slot: int, child_sock: socket.socket
-    ) -> Any:
+        self, method: str, slot: int, child_sock: socket.socket, setup: Any
+    ) -> _Process:
         ctx: Any = multiprocessing.get_context(method)
         child_conn = Connection(child_sock.detach())
-        if method == "fork":
-            setup: Any = self._setup
-            inherited = [
-                w.conn.fileno()
-                for pool in list(_LIVE_POOLS)
-                for w in pool._slots
-                if w is not None and not w.conn.closed
-            ]
-        else:
-            setup, inherited = self._setup_pickled(method), []
+        # A forked worker closes these first thing: the parent ends of every
+        # worker socket (its own included) and the pool's pidfds.
+        inherited = sorted(_OWNED_FDS) if method == "fork" else []
         process = ctx.Process(
             target=worker_module.run,
             args=(child_conn, setup, os.getpid(), slot, inherited),
             name=f"keras_oom-worker-{slot}",
-            daemon=True,
+            # Not daemonic: a loader may start processes of its own
+            # (multiprocessing refuses children to daemonic processes).
+            # Workers die with the parent through their own watch instead.
+            daemon=False,
         )
         try:
             process.start()
         finally:
             child_conn.close()
-        return process
+        # Ours alone to end: out of multiprocessing's list, whose exit
+        # handler would join this non-daemonic process forever, and whose
+        # clean-up at every start would reap it under `_Process`.
+        multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
+        try:
+            return _Process(
+                process.pid,
+                process=process,
+                sentinel=process.sentinel,
+                own_child=method != "forkserver",
+            )
+        except BaseException:
+            process.kill()
+            process.join(_KILL_GRACE)
+            raise
 
-    def _start_subprocess(
-        self, slot: int, child_sock: socket.socket, conn: Connection
-    ) -> _SubprocessHandle:
-        setup = self._setup_pickled("subprocess")
+    def _start_subprocess(self, slot: int, child_sock: socket.socket) -> _Process:
         child_fd = child_sock.detach()
         code = (
             f"import sys; sys.path[:] = {sys.path!r}; "
             f"from keras_oom.worker import subprocess_main; "
             f"subprocess_main({child_fd}, {os.getpid()}, {slot})"
         )
-        sentinel_r, sentinel_w = os.pipe()  # EOF once the child has exited
+        pipe_r = pipe_w = None
+        if not _pidfds_work():  # then a pipe tells when the child has exited
+            pipe_r, pipe_w = os.pipe()
+            _OWNED_FDS.add(pipe_r)
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-c", code],
-                pass_fds=(child_fd, sentinel_w),
+                pass_fds=(child_fd,) if pipe_w is None else (child_fd, pipe_w),
                 stdin=subprocess.DEVNULL,
-                # Out of the terminal's process group: Ctrl-C during its
-                # start-up, before it can ignore SIGINT, must not kill it.
+                # A session (and process group) of its own: Ctrl-C during its
+                # start-up, before it can ignore SIGINT, must not kill it, and
+                # the pool ends it with every process its loader starts.
                 start_new_session=True,
             )
         except BaseException:
-            os.close(sentinel_r)
+            if pipe_r is not None:
+                _close_fd(pipe_r)
             raise
         finally:
             os.close(child_fd)
-            os.close(sentinel_w)
-        handle = _SubprocessHandle(popen, sentinel_r)
-        with contextlib.suppress(OSError):  # if it died, its sentinel tells
-            conn.send_bytes(setup)
-        return handle
+            if pipe_w is not None:
+                os.close(pipe_w)
+        return _Process(popen.pid, popen=popen, pipe=pipe_r)
 
     # -- requests -----------------------------------------------------------
 
@@ -600,7 +886,10 @@ class WorkerPool:
             return  # closed meanwhile: the caller gets DatasetClosedError
         if timed_out:
             w.process.kill()
-        w.process.join(1.0)
+        # A worker whose socket broke is usually exiting: give it a moment,
+        # for its exit code. One still running after that has only stopped
+        # answering, and its stream cannot be trusted: _release ends it.
+        w.process.join(_LOSE_GRACE)
         exitcode = w.process.exitcode
         _release(w)
         if not w.ready and not timed_out:
@@ -701,12 +990,12 @@ class WorkerPool:
             self._closed = True
             workers = [w for w in self._slots if w is not None]
             self._slots = [None] * len(self._slots)
-        _LIVE_POOLS.discard(self)
         if os.getpid() != self._owner_pid:
             # A copy in a forked child (the user's os.fork()): the workers
-            # belong to the parent; only let go of the inherited sockets.
+            # belong to the parent; only let go of the inherited descriptors.
             for w in workers:
-                w.conn.close()
+                _close_conn(w.conn)
+                w.process.forget()
             return
         _stop(workers)
 
@@ -720,18 +1009,24 @@ class _Unpicklable(Exception):
 
 
 def _stop(workers: list[_Worker]) -> None:
-    """Ends `workers`: end-of-file, then SIGTERM, then SIGKILL."""
+    """Ends `workers`: end-of-file, then SIGTERM, then SIGKILL.
+
+    Each signal goes to a worker's whole process group, and `_release`
+    ends what is left of the group even after a clean exit: processes the
+    loader started do not outlive their worker.
+    """
     for w in workers:
-        w.conn.close()  # idle workers exit on end-of-file
+        # Goodbye first: an idle worker exits as asked, its loader's clean-up
+        # included; end-of-file alone would tell it that the parent died.
+        with contextlib.suppress(OSError, ValueError):
+            w.conn.send(None)
+        _close_conn(w.conn)
     _join_all(workers, _EXIT_GRACE)
     for w in workers:
         if w.process.exitcode is None:
             w.process.terminate()
     _join_all(workers, _TERM_GRACE)
     for w in workers:
-        if w.process.exitcode is None:
-            w.process.kill()
-        w.process.join(1.0)
         _release(w)
 
 
@@ -750,35 +1045,33 @@ _RELEASE_LOCK = threading.Lock()
 
 
 def _release(w: _Worker) -> None:
-    """Closes `w`'s socket and process handle, once whoever calls first."""
+    """Ends `w` for good, once, whoever calls first: closes its socket,
+    kills what is left of its process group, reaps it."""
     with _RELEASE_LOCK:
         if w.released:
             return
         w.released = True
-    w.conn.close()
-    try:
-        w.process.join(0)
-        w.process.close()
-    except ValueError:  # still running: leave the handle to the GC
-        pass
+    _close_conn(w.conn)
+    w.process.close()
+    _reap_leftovers()
 
 
-def _forget_workers_in_forked_child() -> None:
-    """In a child of `os.fork()`, stops multiprocessing from ending our workers.
+def _after_fork_in_child() -> None:
+    """In any child of a fork of this process: fresh locks, no leftovers.
 
-    The child inherits `multiprocessing.process._children`, and its exit
-    handler terminates every daemonic process listed there: the parent's
-    workers. They are not the child's to end.
+    Another thread may have held a lock at the fork; in the child nobody
+    would release it. The processes waiting to be reaped are the parent's.
+    (The workers are in no list of multiprocessing's, so the child's exit
+    handler cannot end the parent's workers.)
     """
-    children = multiprocessing.process._children  # type: ignore[attr-defined]
-    for pool in list(_LIVE_POOLS):
-        for w in pool._slots:
-            if w is not None:
-                children.discard(w.process)
+    global _LAUNCH_LOCK, _RELEASE_LOCK
+    _LAUNCH_LOCK = threading.RLock()
+    _RELEASE_LOCK = threading.Lock()
+    _UNREAPED.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_workers_in_forked_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _describe(error: BaseException) -> str:

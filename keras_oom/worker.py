@@ -5,6 +5,14 @@ deep learning backend, so a worker started as a fresh interpreter is ready in
 a fraction of a second and starts no backend threads. The messages it sends
 and receives are in `protocol.py`.
 
+A worker first closes the pool's descriptors a fork copied into it, then
+leads a session and process group of its own (`_lead_own_group`): the
+processes its loader starts share that group, and the pool ends them all
+together. It is not a daemonic process, so a loader may start processes.
+A goodbye (`None`) from the pool ends it normally; a stream that just ends,
+or its parent's death (watched through a pidfd), makes it kill its whole
+group at once (`_end_group`), since nobody else would end those processes.
+
 Before each batch the worker reseeds NumPy's global generator, `random`
 and (if the loader imported it) torch's from the batch's `(seed, epoch,
 position)`, so a loader that draws from them gets a stream of its own per
@@ -49,9 +57,19 @@ def run(
             `cloudpickle` bytes when the worker was not forked.
         parent_pid: Pid of the process that owns the pool.
         index: The worker's slot, passed to `worker_init`.
-        inherited_fds: The parent's ends of worker sockets, inherited by a
-            fork, to close here.
+        inherited_fds: The pool's descriptors that a fork copied into this
+            worker, to close here: the parent ends of every worker socket
+            (this worker's own among them) and the pool's pidfds.
     """
+    # First of all: a parent end held here hides end-of-file from the worker
+    # on the other end, this one included, which would never learn that the
+    # pool let it go.
+    own = conn.fileno()
+    for fd in inherited_fds:
+        if fd != own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _lead_own_group()
     # Ctrl-C in a terminal reaches the whole process group; only the parent
     # should react to it, with one clean KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -59,9 +77,6 @@ def run(
     # A forked worker inherits the parent's mappings of other workers'
     # batches (and of closed datasets'): let them go, or they stay pinned.
     transport.forget_inherited_mappings()
-    for fd in inherited_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
     _exit_with_parent(parent_pid)
     _keep_large_allocations_on_heap()
     with contextlib.suppress(Exception):  # a crash in native code leaves a stack
@@ -81,8 +96,11 @@ def run(
         conn.send(Ready(os.getpid()))
         _serve(conn, loader)
     except (EOFError, BrokenPipeError, ConnectionResetError):
-        # The parent closed the pool, possibly mid-batch: nothing to report.
-        return
+        # The pool says goodbye (`None`, see `_serve`) before it closes the
+        # socket. A stream that just ends means that the parent died, or
+        # that the pool gave up on this worker: nobody will end the
+        # processes the loader started, so end them now, with the worker.
+        _end_group()
 
 
 def _serve(conn: Connection, loader: Any) -> None:
@@ -91,7 +109,7 @@ def _serve(conn: Connection, loader: Any) -> None:
     wants_rng = seeding.accepts_rng(loader)
     while True:
         request = conn.recv()
-        if request is None:
+        if request is None:  # the pool closes: exit, cleaning up as usual
             return
         writer.release(request.released)
         seeding.seed_global_generators(seeding.batch_seed(*request.seed))
@@ -116,19 +134,46 @@ def _serve(conn: Connection, loader: Any) -> None:
             del value
 
 
+def _lead_own_group() -> None:
+    """Makes this worker the leader of a session and process group of its own.
+
+    The pool then ends the worker with every process its loader started
+    (they inherit the group) by signalling the group, and a terminal's
+    Ctrl-C, sent to the terminal's group, never reaches them. A worker
+    started as a fresh interpreter already leads one (`setsid` then fails,
+    harmlessly).
+    """
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+
+def _end_group() -> None:
+    """Ends this worker at once, with every process of its group.
+
+    Only where the worker leads its group (else the group is someone
+    else's); either way the worker leaves with `os._exit`, skipping cleanup
+    that could hang.
+    """
+    with contextlib.suppress(OSError):
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
 def _exit_with_parent(parent_pid: int) -> None:
     """Ends this worker within a moment of the parent's death, even mid-load.
 
     A pidfd becomes readable when the process exits, so a thread blocked on
-    it wakes at once; where pidfds are missing, poll the parent's pid. Either
-    way the worker leaves with `os._exit`, skipping cleanup that could hang.
-    The wait is `poll()`, not `select()`: a process with many open files
-    gets a pidfd numbered 1024 or above, which `select()` refuses.
+    it wakes at once; where pidfds are missing, poll the parent's pid. Then
+    the worker ends its whole process group (`_end_group`): the processes
+    its loader started go with it. The wait is `poll()`, not `select()`: a
+    process with many open files gets a pidfd numbered 1024 or above, which
+    `select()` refuses.
     """
     try:
         pidfd = os.pidfd_open(parent_pid)
     except ProcessLookupError:
-        os._exit(1)
+        _end_group()
     except (AttributeError, OSError):
         pidfd = None
 
@@ -138,12 +183,12 @@ def _exit_with_parent(parent_pid: int) -> None:
                 poller = select.poll()
                 poller.register(pidfd, select.POLLIN)
                 poller.poll()
-                os._exit(1)
+                _end_group()
             except (OSError, ValueError):
                 pass  # never leave the worker unwatched: poll the pid below
         while os.getppid() == parent_pid or _alive(parent_pid):
             time.sleep(0.25)
-        os._exit(1)
+        _end_group()
 
     threading.Thread(target=watch, name="keras_oom-parent-watch", daemon=True).start()
 

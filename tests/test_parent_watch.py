@@ -87,3 +87,62 @@ def test_worker_ends_with_its_parent_when_the_pidfd_is_above_1024(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
     assert "Traceback" not in stderr, stderr
+
+
+OWNER_SCRIPT = """
+import functools, sys, time
+import numpy as np
+import _launch_loaders as L
+from keras_oom import PrefetchLoaderDataset
+
+ds = PrefetchLoaderDataset(functools.partial(L.sleeper_loader, path=sys.argv[2]),
+                           np.arange(8), batch_size=2, num_workers=2,
+                           start_method=sys.argv[1])
+assert ds[0].tolist() == [0, 1]
+assert ds[1].tolist() == [4, 9]
+print("PIDS", *ds.worker_pids, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_sigkill_of_the_parent_ends_the_loaders_own_processes(tmp_path, start_method):
+    """Kind D (issue 14.10): each worker's loader started a child that
+    would sleep for minutes; the training process is SIGKILLed. Each worker
+    notices and ends its whole process group: itself and the processes its
+    loader started."""
+    import subprocess
+    import sys
+
+    import _launch_loaders
+
+    log = tmp_path / "pool-pids"
+    path = _procs.write_script(tmp_path, OWNER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(path), start_method, str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_procs.script_env(),
+        cwd=tmp_path,
+    )
+    workers: list[int] = []
+    children: list[int] = []
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PIDS"), line + proc.stderr.read()
+        workers = _procs.parse_pids(line)
+        children = _launch_loaders.read_pids(log)
+        assert len(children) >= 2, children
+        proc.kill()
+        proc.wait(10)
+        left = _procs.wait_gone(workers + children, 5.0)
+        assert left == [], {p: _procs.cmdline(p)[:80] for p in left}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for p in workers + children:
+            _procs.kill(p)
+        proc.stdout.close()
+        proc.stderr.close()

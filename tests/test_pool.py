@@ -10,6 +10,7 @@ run as scripts in a subprocess of their own.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import os
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 
+import _launch_loaders
 import _procs
 import numpy as np
 import pytest
@@ -160,6 +162,7 @@ def test_unpicklable_loader_when_the_default_switches_to_subprocess(monkeypatch)
 FORK_SCRIPT = """
 import os, signal, sys
 import numpy as np
+import _launch_loaders
 import _procs
 from keras_oom import PrefetchLoaderDataset
 
@@ -230,6 +233,7 @@ def test_user_fork_neither_kills_nor_steals_from_the_parents_workers(tmp_path):
 CTRL_C_SCRIPT = """
 import os, signal, sys, time
 import numpy as np
+import _launch_loaders
 import _procs
 from keras_oom import PrefetchLoaderDataset
 
@@ -284,8 +288,13 @@ def test_ctrl_c_while_workers_start_leaves_a_working_pool(
 
 
 @pytest.mark.timeout(60)
-def test_close_from_another_thread_during_a_replacement_releases_once(monkeypatch):
-    handle_class = pool_module._SubprocessHandle
+def test_close_from_another_thread_during_a_replacement_releases_once(
+    monkeypatch, started
+):
+    """Issue 8.16, and Kind D (issue 14.6): close() from another thread while
+    the owner replaces a dead worker releases each worker once, and ends
+    every process the pool started, the replacement's included."""
+    handle_class = pool_module._Process
     closes: collections.Counter[int] = collections.Counter()
     original_close, original_join = handle_class.close, handle_class.join
 
@@ -334,6 +343,7 @@ def test_close_from_another_thread_during_a_replacement_releases_once(monkeypatc
     assert not closer_errors, closer_errors
     twice = {k: n for k, n in closes.items() if n > 1}
     assert not twice, f"worker handles released more than once: {twice}"
+    assert_ended(started)
 
 
 def _capture(fn, errors):
@@ -383,3 +393,556 @@ def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
         for i in (0, 1, 2):
             with pytest.raises((RuntimeError, keras_oom.WorkerStartError)):
                 ds[i]
+
+
+# -- issue 14, Kind B: fork after a thread pool that is not fork-safe ------------
+
+FORK_SAFETY_SCRIPT = """
+import os, sys, threading
+import numpy as np
+import _launch_loaders as L
+
+setup = sys.argv[1]
+loader = L.numpy_loader
+if setup == "torch":
+    import torch
+    torch.set_num_threads(2)
+    a = torch.rand(300, 300)
+    (a @ a).sum()
+    loader = L.torch_loader
+elif setup == "sklearn":
+    loader = L.sklearn_loader
+    loader([0])  # scikit-learn's OpenMP pool starts here
+elif setup == "gomp":
+    L.gomp_parallel()
+    loader = L.gomp_loader
+elif setup == "native-thread":
+    L.start_native_thread()
+elif setup == "numpy":
+    loader([0])  # OpenBLAS's pool runs (OPENBLAS_NUM_THREADS=2)
+elif setup == "ended-python-thread":
+    t = threading.Thread(target=loader, args=([0],))
+    t.start()
+    t.join()
+print("THREADS", len(os.listdir("/proc/self/task")), flush=True)
+
+from keras_oom import PrefetchLoaderDataset
+from keras_oom.pool import default_start_method
+
+print("METHOD", default_start_method(), flush=True)
+with PrefetchLoaderDataset(loader, np.arange(8), batch_size=4, num_workers=1,
+                           timeout=20) as ds:
+    print("BATCH", ds[1].tolist(), flush=True)
+"""
+
+
+def run_setup(tmp_path, script: str, setup: str) -> dict[str, str]:
+    """Runs `script` with argument `setup` in a fresh interpreter.
+
+    Returns its `KEY value` lines as a dict; fails with its output if it
+    fails. A test process that has used libgomp cannot be forked safely
+    afterwards, so every framework runs in a process of its own.
+    """
+    path = _procs.write_script(tmp_path, script)
+    env = _procs.script_env()
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    result = subprocess.run(
+        [sys.executable, str(path), setup],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [x.split(" ", 1) for x in result.stdout.splitlines() if " " in x]
+    return {key: value for key, value in lines}
+
+
+def require(setup: str) -> None:
+    """Skips unless what `setup` drives is installed."""
+    import ctypes.util
+    import importlib.util
+
+    if setup in ("torch", "sklearn") and importlib.util.find_spec(setup) is None:
+        pytest.skip(f"{setup} is not installed")
+    if setup == "gomp" and ctypes.util.find_library("gomp") is None:
+        pytest.skip("libgomp is not installed")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("setup", ["torch", "sklearn", "gomp"])
+def test_default_does_not_fork_after_a_gnu_openmp_pool_started(tmp_path, setup):
+    """Kind B (issue 14.3): once GNU OpenMP's pool runs in the training
+    process (torch's intra-op pool, scikit-learn's compiled code, libgomp
+    called directly), a forked worker whose loader enters a parallel region
+    waits forever for the pool's threads. The default must not fork, and a
+    read must return the right batch."""
+    require(setup)
+    out = run_setup(tmp_path, FORK_SAFETY_SCRIPT, setup)
+    assert out["METHOD"] == "subprocess", out
+    assert out["BATCH"] == "[8, 10, 12, 14]", out
+
+
+@pytest.mark.timeout(60)
+def test_default_does_not_fork_beside_a_native_thread_of_unknown_origin(tmp_path):
+    """Kind B: a thread started in C by a library nobody knows (no Python
+    thread, no OpenBLAS) could hold anything at the fork: it counts as
+    unsafe."""
+    out = run_setup(tmp_path, FORK_SAFETY_SCRIPT, "native-thread")
+    assert out["METHOD"] == "subprocess", out
+    assert out["BATCH"] == "[8, 10, 12, 14]", out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("setup", ["numpy", "ended-python-thread"])
+def test_default_still_forks_beside_openblas_and_an_ended_python_thread(
+    tmp_path, setup
+):
+    """Kind B, the other side: NumPy's OpenBLAS pool is fork-safe (it stops
+    its threads before a fork), and a Python thread that has ended holds
+    nothing; neither may turn forking off."""
+    out = run_setup(tmp_path, FORK_SAFETY_SCRIPT, setup)
+    assert int(out["THREADS"]) >= 2, out  # OpenBLAS's thread runs: a real case
+    assert out["METHOD"] == "fork", out
+    assert out["BATCH"] == "[8, 10, 12, 14]", out
+
+
+FORK_WARNING_SCRIPT = """
+import sys, warnings
+import numpy as np
+import _launch_loaders as L
+
+L.gomp_parallel()  # GNU OpenMP's pool now runs here
+from keras_oom import PrefetchLoaderDataset
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with PrefetchLoaderDataset(L.numpy_loader, np.arange(8), batch_size=2,
+                               num_workers=2, start_method="fork",
+                               timeout=20) as ds:
+        print("BATCH", ds[1].tolist(), flush=True)
+        print("PIDS", *ds.worker_pids, flush=True)
+for w in caught:
+    if issubclass(w.category, RuntimeWarning):
+        print("WARNING", str(w.message).replace("\\n", " "), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_explicit_fork_still_forks_and_warns_once_naming_the_pool(tmp_path):
+    """Kind B: `start_method="fork"` is the user's call: it forks, but warns
+    once per dataset, naming the risk and what was found."""
+    require("gomp")
+    path = _procs.write_script(tmp_path, FORK_WARNING_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env=_procs.script_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "BATCH [4, 6]" in lines, result.stdout
+    warned = [x for x in lines if x.startswith("WARNING")]
+    assert len(warned) == 1, result.stdout  # two workers forked, one warning
+    for word in ("fork", "deadlock", "GNU OpenMP", "libgomp", "subprocess"):
+        assert word in warned[0], warned[0]
+
+
+# -- issue 14, Kind D: every process the pool starts is ended by the pool -------
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[int]:
+    """The pid of every worker process started during the test, in order.
+
+    Recorded as each `_Worker` is built: a start that fails after its
+    process exists is recorded too.
+    """
+    pids: list[int] = []
+    original = pool_module._Worker.__init__
+
+    def init(self, slot, process, conn):
+        pids.append(process.pid)
+        original(self, slot, process, conn)
+
+    monkeypatch.setattr(pool_module._Worker, "__init__", init)
+    return pids
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def not_ended(pids) -> list[int]:
+    """Those of `pids` that run, or that died but this process has not reaped."""
+    me = os.getpid()
+    return [
+        p
+        for p in pids
+        if _procs.alive(p) or (_procs.state(p) == "Z" and _ppid(p) == me)
+    ]
+
+
+def assert_ended(pids, timeout: float = 5.0) -> None:
+    """Waits until every pid in `pids` is ended (and reaped), or fails."""
+    deadline = time.monotonic() + timeout
+    left = not_ended(pids)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = not_ended(pids)
+    assert not left, {p: (_procs.state(p), _procs.cmdline(p)[:80]) for p in left}
+
+
+def lost(started: list[int], ds) -> list[int]:
+    """The workers that have left `ds`'s pool."""
+    return [p for p in started if p not in ds.worker_pids]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_worker_whose_stream_broke_is_ended(started, start_method):
+    """Kind D (issue 14.6): a worker whose replies cannot be read any more
+    (here it writes a frame that does not unpickle) is given up, though it
+    goes on running. A forked one held the parent's end of its own socket,
+    so it never saw end-of-file and outlived `close()`. The pool must end it
+    as it gives it up."""
+    ds = PrefetchLoaderDataset(
+        _launch_loaders.garbage_loader,
+        np.arange(6),
+        batch_size=1,
+        num_workers=2,
+        start_method=start_method,
+    )
+    try:
+        np.testing.assert_array_equal(ds[0], [0])
+        np.testing.assert_array_equal(ds[1], [2])
+        with pytest.raises(WorkerDiedError, match="batch 2"):
+            ds[2]
+        np.testing.assert_array_equal(ds[3], [6])
+        gone = lost(started, ds)
+        assert len(gone) == 1, (started, ds.worker_pids)
+        assert_ended(gone)  # ended as it leaves the pool, not at close
+    finally:
+        ds.close()
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+def test_worker_past_its_timeout_is_ended(started, tmp_path):
+    """Kind D: a loader that hangs past `timeout` leaves the pool: its
+    worker is ended and reaped at once."""
+    ds = PrefetchLoaderDataset(
+        faulty({3: "sleep"}),
+        np.arange(6),
+        batch_size=1,
+        num_workers=1,
+        timeout=1.0,
+        start_method="fork",
+    )
+    with ds:
+        with pytest.raises(keras_oom.WorkerTimeoutError):
+            ds[3]
+        np.testing.assert_array_equal(ds[4], [8])
+        assert_ended(lost(started, ds))
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_killed_worker_is_reaped(started, start_method):
+    """Kind D: a worker killed from outside leaves the pool reaped, not as a
+    zombie until close."""
+    with PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(8),
+        batch_size=1,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        ds[0]
+        victim = ds.worker_pids[0]
+        _procs.kill(victim)
+        for i in range(1, len(ds)):
+            with contextlib.suppress(WorkerDiedError):  # the killed worker's
+                ds[i]
+        assert victim in lost(started, ds)
+        assert_ended([victim])
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+def test_workers_that_die_before_ready_are_ended(started):
+    """Kind D: a start failure (each worker exits before it is ready, until
+    the pool gives up) leaves no process behind."""
+    ds = PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=2,
+        start_method="fork",
+        worker_init=_launch_loaders.exiting_init,
+    )
+    try:
+        read_until_start_error(ds)
+    finally:
+        ds.close()
+    assert len(started) >= pool_module.MAX_START_FAILURES
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+def test_start_that_fails_after_its_process_exists_ends_it(started, monkeypatch):
+    """Kind D: a start that raises after the worker process was forked
+    (here building the worker's record fails, as a descriptor limit would
+    make it) must end that process; the pool retries the slot."""
+    original = pool_module._Worker.__init__  # the `started` fixture's
+    calls = []
+
+    def init(self, slot, process, conn):
+        calls.append(slot)
+        original(self, slot, process, conn)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(pool_module._Worker, "__init__", init)
+    with PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=2,
+        start_method="fork",
+    ) as ds:
+        for i in range(len(ds)):
+            got = ds[i]
+            np.testing.assert_array_equal(got["n"], [14 * i, 14 * i + 7])
+        assert started[0] not in ds.worker_pids  # never joined the pool
+        assert_ended(started[:1])
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_broken_pool_ends_every_worker(started, tmp_path, start_method):
+    """Kind D: a `worker_init` that raises breaks the pool; its workers,
+    alive or not, are ended by close."""
+    ds = PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=2,
+        start_method=start_method,
+        worker_init=functools.partial(_procs.raising_init, path=str(tmp_path / "i")),
+    )
+    try:
+        with pytest.raises(_procs.InitError):
+            ds[0]
+    finally:
+        ds.close()
+    assert started
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_close_while_workers_start_ends_every_worker(started, start_method):
+    """Kind D: `close()` from another thread while the pool is starting its
+    workers (the engine alone, without Keras): every worker started before,
+    during or after the close is ended."""
+    setup = pool_module.WorkerSetup(_procs.ids_loader, None)
+    pool = pool_module.WorkerPool(setup, 4, start_method=start_method)
+    errors: list[BaseException] = []
+    starter = threading.Thread(target=lambda: _capture(pool.start, errors))
+    starter.start()
+    deadline = time.monotonic() + 20
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.001)
+    pool.close()
+    starter.join(20)
+    assert not starter.is_alive()
+    assert started
+    assert all(isinstance(e, DatasetClosedError) for e in errors), errors
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_close_during_a_read_from_another_thread_ends_every_worker(
+    started, tmp_path, start_method
+):
+    """Kind D: the owner waits for a stuck loader; another thread closes:
+    the owner gets `DatasetClosedError` and every worker is ended."""
+    pidfile = tmp_path / "pid"
+    ds = PrefetchLoaderDataset(
+        functools.partial(
+            _procs.faulty_loader, actions={2: "sleep"}, pidfile=str(pidfile)
+        ),
+        np.arange(6),
+        batch_size=1,
+        num_workers=1,
+        start_method=start_method,
+    )
+    ds[0]
+    closer = threading.Thread(
+        target=lambda: (_procs.wait_for_file(pidfile), ds.close())
+    )
+    closer.start()
+    try:
+        with pytest.raises(DatasetClosedError):
+            ds[2]
+    finally:
+        closer.join(20)
+        ds.close()
+    assert_ended(started)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_garbage_collected_dataset_ends_every_worker(started, start_method):
+    """Kind D: dropping the last reference closes the dataset; every worker
+    is ended and reaped."""
+    import gc
+
+    ds = PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=2,
+        start_method=start_method,
+    )
+    ds[0]
+    del ds
+    gc.collect()
+    assert len(started) == 2
+    assert_ended(started)
+
+
+# -- issue 14, Kind D item 10: a loader that starts processes of its own --------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess", "spawn"])
+@pytest.mark.parametrize("kind", ["lazy", "per_call", "sleeper"])
+def test_loader_with_its_own_multiprocessing_pool(
+    started, tmp_path, start_method, kind
+):
+    """Kind D (issue 14.10): a loader that maps over a
+    `multiprocessing.Pool(2)` failed in forked workers (`daemonic processes
+    are not allowed to have children`). It must give the right batches, and
+    after close neither the workers nor the loader's processes are left."""
+    log = tmp_path / "pool-pids"
+    loader = {
+        "lazy": _launch_loaders.lazy_pool_loader,
+        "per_call": _launch_loaders.per_call_pool_loader,
+        "sleeper": _launch_loaders.sleeper_loader,  # a child that never ends
+    }[kind]
+    ids = np.arange(12)
+    with PrefetchLoaderDataset(
+        functools.partial(loader, path=str(log)),
+        ids,
+        batch_size=3,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        for _ in range(2):  # two epochs
+            for i in range(len(ds)):
+                np.testing.assert_array_equal(ds[i], ids[3 * i : 3 * i + 3] ** 2)
+            ds.on_epoch_end()
+    children = _launch_loaders.read_pids(log)
+    assert len(children) >= (2 if kind == "sleeper" else 4), children
+    assert_ended(started)
+    assert_ended(children)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_killed_worker_takes_its_loaders_processes_with_it(
+    started, tmp_path, start_method
+):
+    """Kind D (issue 14.10): a worker killed by SIGKILL cannot end the
+    processes its loader started (here one that would sleep for minutes);
+    the pool ends them as it replaces the worker."""
+    log = tmp_path / "pool-pids"
+    with PrefetchLoaderDataset(
+        functools.partial(_launch_loaders.sleeper_loader, path=str(log)),
+        np.arange(8),
+        batch_size=2,
+        num_workers=1,
+        start_method=start_method,
+    ) as ds:
+        np.testing.assert_array_equal(ds[0], [0, 1])
+        children = _launch_loaders.read_pids(log)
+        assert len(children) == 1 and all(_procs.alive(p) for p in children)
+        _procs.kill(ds.worker_pids[0])
+        for i in range(1, len(ds)):
+            with contextlib.suppress(WorkerDiedError):  # the killed worker's
+                np.testing.assert_array_equal(ds[i], np.arange(2 * i, 2 * i + 2) ** 2)
+        assert_ended(children)
+    assert_ended(started)
+
+
+EXIT_WITH_POOL_LOADER_SCRIPT = """
+import functools, sys
+import numpy as np
+import _launch_loaders as L
+from keras_oom import PrefetchLoaderDataset
+
+if __name__ == "__main__":  # "spawn" imports this module in each worker
+    ds = PrefetchLoaderDataset(
+        functools.partial(L.lazy_pool_loader, path=sys.argv[2]), np.arange(8),
+        batch_size=2, num_workers=2, start_method=sys.argv[1])
+    assert ds[1].tolist() == [4, 9]
+    print("PIDS", *ds.worker_pids, flush=True)
+    # No close: interpreter exit must neither hang nor leave a process behind.
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_interpreter_exit_with_an_open_dataset_whose_loader_has_a_pool(
+    tmp_path, start_method
+):
+    """Kind D (issue 14.10): workers that may start children are not
+    daemonic; multiprocessing's exit handler joins non-daemonic children,
+    which would wait forever for workers that serve until told to stop."""
+    log = tmp_path / "pool-pids"
+    path = _procs.write_script(tmp_path, EXIT_WITH_POOL_LOADER_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(path), start_method, str(log)],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        env=_procs.script_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("PIDS")]
+    workers = _procs.parse_pids(line)
+    assert _procs.wait_gone(workers, 5.0) == []
+    assert _procs.wait_gone(_launch_loaders.read_pids(log), 5.0) == []
+
+
+@pytest.mark.timeout(30)
+def test_fork_hazards_count_a_running_python_thread_and_forget_an_ended_one():
+    """Kind B: a Python thread that runs may hold a lock the child needs; once
+    it has ended (and the kernel has let its task go), it counts no more."""
+    from keras_oom.forksafe import fork_hazards
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, name="held-lock-thread")
+    thread.start()
+    try:
+        found = [h for h in fork_hazards() if "Python thread" in h]
+        assert len(found) == 1 and "held-lock-thread" in found[0], found
+        assert pool_module.default_start_method() == "subprocess"
+    finally:
+        release.set()
+        thread.join(10)
+    assert not [h for h in fork_hazards() if "Python thread" in h]

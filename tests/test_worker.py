@@ -10,6 +10,7 @@ pool with its own error instead of a loop of restarts.
 from __future__ import annotations
 
 import functools
+import os
 
 import _procs
 import numpy as np
@@ -103,3 +104,62 @@ def test_raising_worker_init_gives_its_error_then_worker_start_error(
         ds.close()
     calls = len(_procs.read_init_log(log))
     assert 1 <= calls <= 2, calls  # at most one try per slot: no restart loop
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The sockets `pid` holds, as /proc names them (`socket:[inode]`)."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            out.add(target)
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_forked_worker_holds_no_parent_end_of_any_worker_socket():
+    """Kind D (issue 14.6): a forked worker inherits every descriptor of the
+    parent, its own socket's parent end included. Holding it, the worker
+    never sees end-of-file when the parent lets go of it. Each worker must
+    close every parent end it inherited, its own first."""
+    with PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(12),
+        batch_size=2,
+        num_workers=3,
+        start_method="fork",
+    ) as ds:
+        for i in range(len(ds)):  # every worker has loaded a batch: it runs
+            ds[i]
+        pool = ds._pool
+        parent_ends = {
+            os.readlink(f"/proc/self/fd/{w.conn.fileno()}")
+            for w in pool._slots
+            if w is not None
+        }
+        assert len(parent_ends) == 3
+        for pid in ds.worker_pids:
+            held = _socket_inodes(pid) & parent_ends
+            assert not held, f"worker {pid} holds parent ends {held}"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_worker_runs_in_a_process_group_of_its_own(start_method):
+    """Kind D (issue 14.10): each worker leads a process group (and a
+    session) of its own, so that the pool can end it together with every
+    process its loader started, and a terminal's Ctrl-C reaches neither."""
+    with PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        ds[0]
+        for pid in ds.worker_pids:
+            assert os.getpgid(pid) == pid
+            assert os.getsid(pid) == pid
