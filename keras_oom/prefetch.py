@@ -32,7 +32,7 @@ from keras_oom.pool import (
     deferred_interrupts,
     pickle_setup,
 )
-from keras_oom.protocol import Load, add_note, describe_ids
+from keras_oom.protocol import Load, add_note, describe_ids, pack_ids
 from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
 from keras_oom.source import as_index
 
@@ -202,15 +202,21 @@ class PrefetchLoaderDataset(LoaderDataset):
             WorkerDiedError: If the worker loading the batch died.
             WorkerTimeoutError: If the batch took longer than `timeout`.
             WorkerStartError: If workers could not be started.
-            RuntimeError: If called in a forked child of the owning process.
-            Exception: Whatever the loader raised, with the worker's
-                traceback in its notes and as its cause.
+            RuntimeError: If called in a forked child of the owning process,
+                or standing in for a loader's exception that cannot be
+                rebuilt in this process (its message names it).
+            BaseException: Whatever the loader raised, of any class
+                (`KeyboardInterrupt` and `SystemExit` included, as
+                `LoaderDataset` raises them), with the worker's traceback in
+                its notes and as its cause; whatever pickling the batch's ids
+                or unpickling its result raised. The next read is unaffected.
         """
         with self._lock:
             self._ensure_started()
             epoch, batch = self._locate(index)
             key = (epoch, batch)
-            hit, value = self._cache.get(key)
+            with deferred_interrupts():  # a copy that raises is a miss
+                hit, value = self._cache.get(key)
             start = time.perf_counter()
             if hit:
                 outcome = Outcome(value=value)
@@ -219,7 +225,8 @@ class PrefetchLoaderDataset(LoaderDataset):
                 self._note_order(key)
                 outcome = self._fetch(key)
                 if outcome.error is None:
-                    self._cache.seen(key, outcome.value)
+                    with deferred_interrupts():  # one that cannot be copied
+                        self._cache.seen(key, outcome.value)
             self._seconds["wait"] += time.perf_counter() - start
             self._seconds["load"] += outcome.seconds
             self._counters["batches"] += 1
@@ -440,11 +447,29 @@ class PrefetchLoaderDataset(LoaderDataset):
                 schedule.lost(event.slot, event.outcome)
 
     def _dispatch(self) -> None:
+        """Sends idle workers the keys the schedule assigns them.
+
+        A request that cannot be made (its ids do not pickle: an exception
+        of any class) fails its batch: that exception becomes the batch's
+        outcome, raised when it is read, and the worker, still idle, is
+        given the next key.
+        """
         pool, schedule = self._pool, self._schedule
         assert pool is not None and schedule is not None
-        for slot, key in schedule.assign():
-            ids = self._source.ids(*key)
-            pool.submit(slot, Load(key, ids, [], self._source.seed_of(*key)))
+        assignments = schedule.assign()
+        while assignments:
+            slot, key = assignments.pop(0)
+            try:
+                ids = pack_ids(self._source.ids(*key))
+                load = Load(key, ids, [], self._source.seed_of(*key))
+            except BaseException as e:  # SIGINT is deferred: e is the ids'
+                add_note(
+                    e, "keras_oom: its sample ids could not be pickled for a worker"
+                )
+                schedule.arrived(slot, Outcome(error=e))
+                assignments += schedule.assign()
+                continue
+            pool.submit(slot, load)
 
     def _note_order(self, key: Key) -> None:
         last = self._order.last
@@ -481,7 +506,9 @@ class PrefetchLoaderDataset(LoaderDataset):
             ) from None
         if isinstance(error, WorkerTimeoutError):
             raise WorkerTimeoutError(f"{error} It was loading {what}.") from None
-        add_note(error, f"keras_oom: while loading {what}, in worker pid {outcome.pid}")
+        if outcome.pid:
+            what += f", in worker pid {outcome.pid}"
+        add_note(error, f"keras_oom: while loading {what}")
         raise error
 
     # -- copies: a new, unstarted dataset with the same batches ---------------

@@ -213,9 +213,17 @@ class ReReadCache:
         self._kept: dict[Key, Any] = {}
 
     def get(self, key: Key) -> tuple[bool, Any]:
-        """`(True, a copy of the value)` if `key` was kept, else `(False, None)`."""
+        """`(True, a copy of the value)` if `key` was kept, else `(False, None)`.
+
+        A value whose copy raises (any class) is forgotten: a miss, loaded
+        again. Call it with SIGINT deferred, so that Ctrl-C is not taken
+        for such a copy.
+        """
         if key in self._kept:
-            return True, copy.deepcopy(self._kept[key])
+            try:
+                return True, copy.deepcopy(self._kept[key])
+            except BaseException:
+                del self._kept[key]
         return False, None
 
     def seen(self, key: Key, value: Any) -> None:
@@ -223,12 +231,13 @@ class ReReadCache:
 
         A copy of `value` is kept if it is one of the epoch's first `size`
         batches (a copy: the caller may change the batch in place); reading
-        any other batch lets every kept one go.
+        any other batch lets every kept one go. A value whose copy raises
+        (any class) is not kept; call it with SIGINT deferred, as `get`.
         """
         if key[1] >= self.size or any(k[0] != key[0] for k in self._kept):
             self._kept.clear()
         if key[1] < self.size:
-            with contextlib.suppress(Exception):  # a value that cannot be copied
+            with contextlib.suppress(BaseException):  # it cannot be copied
                 self._kept[key] = copy.deepcopy(value)
 
     def clear(self) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import _faults
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -535,6 +536,40 @@ def test_rereadcache_skips_values_that_cannot_be_copied():
     cache = ReReadCache()
     cache.seen((0, 0), NoCopy())
     assert cache.get((0, 0)) == (False, None)
+
+
+class CopyRaises:
+    """A batch whose deep copy raises `exc`, after `copies` copies worked."""
+
+    def __init__(self, exc, copies=0):
+        self.exc = exc
+        self.copies = copies
+
+    def __deepcopy__(self, memo):
+        if self.copies <= 0:
+            raise _faults.make(self.exc, "no copies")
+        self.copies -= 1
+        return CopyRaises(self.exc, 0)
+
+
+@pytest.mark.parametrize("exc", sorted(_faults.CLASSES))
+def test_rereadcache_skips_values_whose_copy_raises_any_class(exc):
+    """Kind C: a batch whose `__deepcopy__` raised a `BaseException` (say
+    `KeyboardInterrupt`) failed the read that had loaded it."""
+    cache = ReReadCache()
+    cache.seen((0, 0), CopyRaises(exc))
+    assert cache.get((0, 0)) == (False, None)
+
+
+@pytest.mark.parametrize("exc", sorted(_faults.CLASSES))
+def test_rereadcache_forgets_a_kept_value_whose_second_copy_raises(exc):
+    """Kind C: the copy handed out on a re-read raised (any class): a miss,
+    the batch is loaded again, instead of a failed read."""
+    cache = ReReadCache()
+    cache.seen((0, 0), CopyRaises(exc, copies=1))  # kept: its first copy works
+    assert len(cache) == 1
+    assert cache.get((0, 0)) == (False, None)
+    assert len(cache) == 0
 
 
 def test_rereadcache_clear():
