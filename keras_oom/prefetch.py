@@ -7,6 +7,7 @@ the dataset turns what comes back into batches or errors for the caller.
 
 from __future__ import annotations
 
+import collections
 import copy
 import numbers
 import os
@@ -167,6 +168,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._owner_pid = os.getpid()
         self._pool: WorkerPool | None = None
         self._schedule: Schedule | None = None
+        # Events taken from the pool and not yet applied to the schedule.
+        self._pending: collections.deque[Event] = collections.deque()
         self._closed = False
         self._cache = ReReadCache()
         self._order = OrderWatch()
@@ -267,6 +270,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._closed = True
             self._pool = None
             self._schedule = None
+            self._pending.clear()
             self._cache.clear()
 
     @property
@@ -435,9 +439,18 @@ class PrefetchLoaderDataset(LoaderDataset):
         return outcome
 
     def _apply(self, events: list[Event]) -> None:
+        """Applies `events` to the schedule, after any still pending.
+
+        Each event leaves the queue just as it is applied, so an exception
+        between two of them (none is expected: this runs with SIGINT
+        deferred) leaves the rest for the next call instead of losing them.
+        """
         schedule = self._schedule
         assert schedule is not None
-        for event in events:
+        pending = self._pending
+        pending.extend(events)
+        while pending:
+            event = pending.popleft()
             if isinstance(event, Joined):
                 schedule.add_worker(event.slot)
             elif isinstance(event, Arrived):
@@ -449,13 +462,15 @@ class PrefetchLoaderDataset(LoaderDataset):
     def _dispatch(self) -> None:
         """Sends idle workers the keys the schedule assigns them.
 
-        A request that cannot be made (its ids do not pickle: an exception
-        of any class) fails its batch: that exception becomes the batch's
-        outcome, raised when it is read, and the worker, still idle, is
-        given the next key.
+        What the pool reported is applied first, so that the schedule only
+        assigns workers that the pool has idle. A request that cannot be
+        made (its ids do not pickle: an exception of any class) fails its
+        batch: that exception becomes the batch's outcome, raised when it is
+        read, and the worker, still idle, is given the next key.
         """
         pool, schedule = self._pool, self._schedule
         assert pool is not None and schedule is not None
+        self._apply(pool.take_events())
         assignments = schedule.assign()
         while assignments:
             slot, key = assignments.pop(0)
@@ -519,6 +534,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             "_lock",
             "_pool",
             "_schedule",
+            "_pending",
             "_finalizer",
             "_cache",
             "_order",
