@@ -184,7 +184,7 @@ class LoaderDataset(keras.utils.PyDataset):
         seed = self._source.seed_of(epoch, batch)
         try:
             x = call_loader(fn, self._wants_rng, ids, seed)
-        except Exception as e:
+        except BaseException as e:  # any class, as PrefetchLoaderDataset notes
             where = f"batch {self._global_index(epoch, batch)}"
             add_note(e, f"keras_oom: while loading {where}, ids {describe_ids(ids)}")
             raise

@@ -104,7 +104,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any, NamedTuple
 
@@ -124,6 +124,7 @@ from keras_oom.protocol import (
     StartFailed,
     add_note,
     decode_error,
+    deferred_interrupts,
 )
 from keras_oom.transport import BatchReader
 
@@ -259,36 +260,6 @@ def _fork_warning(hazards: list[str]) -> str:
         f"forever. Use start_method=None, which picks 'subprocess' here, "
         f"or 'subprocess'."
     )
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Holds SIGINT back until the block ends, then delivers it.
-
-    Python raises KeyboardInterrupt between any two bytecodes; inside a
-    block that updates the pool and the schedule together, that would leave
-    them disagreeing (a key marked sent but never sent, a descriptor left
-    in a socket). Only the main thread receives signals, so elsewhere this
-    does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None or previous is signal.SIG_IGN:
-        yield
-        return
-    received: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            if callable(previous):
-                previous(signal.SIGINT, received[0])
-            else:  # SIG_DFL
-                os.kill(os.getpid(), signal.SIGINT)
 
 
 class _Worker:
@@ -756,9 +727,15 @@ class WorkerPool:
     def submit(self, slot: int, load: Load) -> None:
         """Sends `load` to the worker in `slot`; the result comes from `wait`.
 
+        `load.ids` is already pickled (`protocol.pack_ids`), so nothing here
+        runs the user's code: once the checks pass, the worker is marked busy
+        and the request goes out, or the worker's death reports it (`Lost`).
+
         Raises:
             DatasetClosedError: If the pool was closed.
             WorkerStartError: (or the error that broke it) If broken.
+                Either way nothing was sent, the slot is unchanged, and every
+                later call raises too.
         """
         self._check_open()
         self.raise_if_broken()
@@ -826,12 +803,16 @@ class WorkerPool:
                 self._fill(slot, events)
 
     def _drain(self, w: _Worker, events: list[Event]) -> bool:
-        """Reads every message `w` has sent; False if `w` is gone."""
+        """Reads every message `w` has sent; False if `w` is gone.
+
+        Runs with SIGINT deferred (`wait`), so any exception here comes from
+        the stream or from the messages, never from Ctrl-C.
+        """
         try:
             while w.conn.poll():
                 self._handle(w, w.conn.recv(), events)
             return w.process.exitcode is None or w.conn.poll()
-        except Exception:
+        except BaseException:
             # End of file, a broken socket, a descriptor that never came, a
             # message that does not unpickle: the stream cannot be trusted.
             return False
@@ -854,7 +835,11 @@ class WorkerPool:
             outcome = Outcome()
             try:
                 outcome.value = w.reader.receive(w.conn, msg.kind, msg.payload)
-            except Exception as e:  # the batch does not unpickle here
+            except BaseException as e:
+                # The batch does not unpickle here: its `__setstate__` or
+                # rebuild raised, of any class (SIGINT is deferred, so even
+                # a KeyboardInterrupt is the batch's own). It fails that
+                # batch only; the worker is fine.
                 add_note(
                     e,
                     f"keras_oom: the batch from {self._where(w)} could not "

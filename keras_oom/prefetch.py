@@ -7,6 +7,7 @@ the dataset turns what comes back into batches or errors for the caller.
 
 from __future__ import annotations
 
+import collections
 import copy
 import numbers
 import os
@@ -32,7 +33,7 @@ from keras_oom.pool import (
     deferred_interrupts,
     pickle_setup,
 )
-from keras_oom.protocol import Load, add_note, describe_ids
+from keras_oom.protocol import Load, add_note, describe_ids, pack_ids
 from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
 from keras_oom.source import as_index
 
@@ -167,6 +168,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._owner_pid = os.getpid()
         self._pool: WorkerPool | None = None
         self._schedule: Schedule | None = None
+        # Events taken from the pool and not yet applied to the schedule.
+        self._pending: collections.deque[Event] = collections.deque()
         self._closed = False
         self._cache = ReReadCache()
         self._order = OrderWatch()
@@ -202,15 +205,21 @@ class PrefetchLoaderDataset(LoaderDataset):
             WorkerDiedError: If the worker loading the batch died.
             WorkerTimeoutError: If the batch took longer than `timeout`.
             WorkerStartError: If workers could not be started.
-            RuntimeError: If called in a forked child of the owning process.
-            Exception: Whatever the loader raised, with the worker's
-                traceback in its notes and as its cause.
+            RuntimeError: If called in a forked child of the owning process,
+                or standing in for a loader's exception that cannot be
+                rebuilt in this process (its message names it).
+            BaseException: Whatever the loader raised, of any class
+                (`KeyboardInterrupt` and `SystemExit` included, as
+                `LoaderDataset` raises them), with the worker's traceback in
+                its notes and as its cause; whatever pickling the batch's ids
+                or unpickling its result raised. The next read is unaffected.
         """
         with self._lock:
             self._ensure_started()
             epoch, batch = self._locate(index)
             key = (epoch, batch)
-            hit, value = self._cache.get(key)
+            with deferred_interrupts():  # a copy that raises is a miss
+                hit, value = self._cache.get(key)
             start = time.perf_counter()
             if hit:
                 outcome = Outcome(value=value)
@@ -219,7 +228,8 @@ class PrefetchLoaderDataset(LoaderDataset):
                 self._note_order(key)
                 outcome = self._fetch(key)
                 if outcome.error is None:
-                    self._cache.seen(key, outcome.value)
+                    with deferred_interrupts():  # one that cannot be copied
+                        self._cache.seen(key, outcome.value)
             self._seconds["wait"] += time.perf_counter() - start
             self._seconds["load"] += outcome.seconds
             self._counters["batches"] += 1
@@ -260,6 +270,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._closed = True
             self._pool = None
             self._schedule = None
+            self._pending.clear()
             self._cache.clear()
 
     @property
@@ -428,9 +439,18 @@ class PrefetchLoaderDataset(LoaderDataset):
         return outcome
 
     def _apply(self, events: list[Event]) -> None:
+        """Applies `events` to the schedule, after any still pending.
+
+        Each event leaves the queue just as it is applied, so an exception
+        between two of them (none is expected: this runs with SIGINT
+        deferred) leaves the rest for the next call instead of losing them.
+        """
         schedule = self._schedule
         assert schedule is not None
-        for event in events:
+        pending = self._pending
+        pending.extend(events)
+        while pending:
+            event = pending.popleft()
             if isinstance(event, Joined):
                 schedule.add_worker(event.slot)
             elif isinstance(event, Arrived):
@@ -440,11 +460,31 @@ class PrefetchLoaderDataset(LoaderDataset):
                 schedule.lost(event.slot, event.outcome)
 
     def _dispatch(self) -> None:
+        """Sends idle workers the keys the schedule assigns them.
+
+        What the pool reported is applied first, so that the schedule only
+        assigns workers that the pool has idle. A request that cannot be
+        made (its ids do not pickle: an exception of any class) fails its
+        batch: that exception becomes the batch's outcome, raised when it is
+        read, and the worker, still idle, is given the next key.
+        """
         pool, schedule = self._pool, self._schedule
         assert pool is not None and schedule is not None
-        for slot, key in schedule.assign():
-            ids = self._source.ids(*key)
-            pool.submit(slot, Load(key, ids, [], self._source.seed_of(*key)))
+        self._apply(pool.take_events())
+        assignments = schedule.assign()
+        while assignments:
+            slot, key = assignments.pop(0)
+            try:
+                ids = pack_ids(self._source.ids(*key))
+                load = Load(key, ids, [], self._source.seed_of(*key))
+            except BaseException as e:  # SIGINT is deferred: e is the ids'
+                add_note(
+                    e, "keras_oom: its sample ids could not be pickled for a worker"
+                )
+                schedule.arrived(slot, Outcome(error=e))
+                assignments += schedule.assign()
+                continue
+            pool.submit(slot, load)
 
     def _note_order(self, key: Key) -> None:
         last = self._order.last
@@ -481,7 +521,9 @@ class PrefetchLoaderDataset(LoaderDataset):
             ) from None
         if isinstance(error, WorkerTimeoutError):
             raise WorkerTimeoutError(f"{error} It was loading {what}.") from None
-        add_note(error, f"keras_oom: while loading {what}, in worker pid {outcome.pid}")
+        if outcome.pid:
+            what += f", in worker pid {outcome.pid}"
+        add_note(error, f"keras_oom: while loading {what}")
         raise error
 
     # -- copies: a new, unstarted dataset with the same batches ---------------
@@ -492,6 +534,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             "_lock",
             "_pool",
             "_schedule",
+            "_pending",
             "_finalizer",
             "_cache",
             "_order",

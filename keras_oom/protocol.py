@@ -4,32 +4,64 @@ One socket joins the parent to each worker. Every message is one of the
 types below, pickled by `multiprocessing.connection.Connection`; a batch's
 array data goes beside it through shared memory (`transport.py`).
 
-    parent -> worker   Load(key, ids, released, seed)  load `ids` as batch `key`
+    parent -> worker   Load(key, ids, released, seed)  load batch `key`
                        None                            exit
     worker -> parent   Ready(pid)                      set up; serving
                        StartFailed(pid, error)         setup raised; exiting
                        Loaded(key, seconds, cpu, kind, payload) [+ descriptor]
-                       Failed(key, seconds, cpu, error)  the loader raised
+                       Failed(key, seconds, cpu, error)  the batch failed
 
 A worker answers each `Load` with exactly one `Loaded` or `Failed`, so the
 parent always knows which batch a worker holds. An exception crosses as an
 `ErrorPayload` and is rebuilt by `decode_error`, its encoder's neighbour here
 as in CPython's `concurrent.futures.process`.
 
+How failures travel: an exception of any class (`BaseException` included)
+raised while one batch is handled ends that batch, and only that batch:
+
+- pickling the request, in the parent: the ids travel pickled on their own
+  (`pack_ids`), pickled before the worker is marked busy, so ids that do not
+  pickle fail their batch with the pickling error and the worker stays idle;
+- unpickling the ids in the worker, the loader, pickling the batch: the
+  worker answers `Failed` and keeps serving. Workers ignore SIGINT, so a
+  `KeyboardInterrupt` or `SystemExit` there comes from the loader (or the
+  ids, or the batch) and is that batch's error, not a reason to exit. Only
+  a reply that fails after part of it was sent ends the worker: the socket
+  can no longer be read in step, and the parent reports the worker lost;
+- unpickling the batch in the parent: that unpickling error is the batch's
+  error, and the worker keeps serving (pool.py);
+- rebuilding the worker's exception in the parent (`decode_error`): it
+  comes back as itself when it unpickles, by `pickle` or, where `pickle`
+  refuses (a frozen dataclass, an `__init__` taking other arguments), from
+  its class, arguments and attributes; else a `RuntimeError` naming it
+  stands in for it;
+- decorating it (`add_note`, `describe_ids`): never raises, whatever the
+  exception or the ids refuse, so the caller raises the user's exception.
+
+What the caller sees for a `BaseException` raised by the loader in a worker
+(`KeyboardInterrupt`, `SystemExit`, `GeneratorExit` or one of its own): the
+same class, re-raised with notes, as `LoaderDataset` raises it. The note
+"raised in worker N (pid P)" and the worker's traceback as `__cause__` tell
+it from this process's own Ctrl-C.
+
 This module runs in workers too: it imports neither Keras nor a backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import threading
 import traceback
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 
 class Load(NamedTuple):
     key: Any  # (epoch, batch), the parent's name for the batch
-    ids: Any  # the batch's sample ids
+    ids: bytes  # the batch's sample ids, pickled on their own (`pack_ids`)
     released: list[int]  # shared-memory buffers the parent has let go of
     seed: tuple[int, int, int]  # (seed, epoch, position): see seeding.py
 
@@ -83,28 +115,46 @@ class RemoteTraceback(Exception):
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def pack_ids(ids: Any) -> bytes:
+    """A batch's sample ids, pickled for a `Load`.
+
+    Raises:
+        BaseException: Whatever pickling `ids` raises (an id that holds a
+            lock, a `__reduce__` that raises): the caller fails that batch.
+    """
+    return pickle.dumps(ids, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_ids(data: bytes) -> Any:
+    """The sample ids `pack_ids` pickled; raises what unpickling raises."""
+    return pickle.loads(data)
+
+
 def encode_error(e: BaseException) -> ErrorPayload:
-    """Describes `e` for the parent; never raises, whatever `e` does."""
-    summary = traceback.extract_tb(e.__traceback__)
-    own = [f for f in summary if not f.filename.startswith(_PACKAGE_DIR)]
-    headline = f"{type(e).__module__}.{type(e).__qualname__}: {_safe_str(e)}"
-    try:
-        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    except Exception:  # a __str__ or __repr__ that raises
-        tb = "Traceback (most recent call last):\n" + "".join(summary.format())
-        tb += headline + "\n"
-    frames = "".join(traceback.format_list(own or summary)) + headline
-    pickled: bytes | None
-    try:
-        pickled = pickle.dumps(e)
-        pickle.loads(pickled)  # it must also come back in the parent
-    except BaseException:
-        pickled = None
-    return ErrorPayload(pickled, headline, tb, frames)
+    """Describes `e`, of any class, for the parent; never raises.
+
+    A `__str__`, `__repr__` or note that raises (any class) leaves a
+    shorter description; an exception that does not survive a pickle round
+    trip, even rebuilt from its state, travels as text only.
+    """
+    with deferred_interrupts():
+        headline = _headline(e)
+        try:
+            summary = traceback.extract_tb(e.__traceback__)
+        except BaseException:
+            summary = traceback.StackSummary()
+        own = [f for f in summary if not f.filename.startswith(_PACKAGE_DIR)]
+        try:
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        except BaseException:  # a __str__, __repr__ or note that raises
+            tb = "Traceback (most recent call last):\n" + "".join(summary.format())
+            tb += headline + "\n"
+        frames = "".join(traceback.format_list(own or summary)) + headline
+        return ErrorPayload(_pickled(e), headline, tb, frames)
 
 
 def decode_error(payload: ErrorPayload, where: str) -> BaseException:
-    """Rebuilds the worker's exception for the caller.
+    """Rebuilds the worker's exception for the caller; never raises.
 
     It keeps its type where it unpickles (else a `RuntimeError` with its
     description), its traceback text as `__cause__`, and a PEP 678 note with
@@ -114,41 +164,184 @@ def decode_error(payload: ErrorPayload, where: str) -> BaseException:
     Args:
         payload: What `encode_error` made in the worker.
         where: Which worker, for the note, e.g. `"worker 0 (pid 123)"`.
+
+    Returns:
+        The exception to raise: of the worker's class, or a `RuntimeError`
+        naming it when it cannot be rebuilt in this process (unpickling it
+        raised, of any class).
     """
-    error: BaseException | None = None
-    if payload.pickled is not None:
+    with deferred_interrupts():
+        error: BaseException | None = None
+        if payload.pickled is not None:
+            try:
+                loaded = pickle.loads(payload.pickled)
+            except BaseException:
+                loaded = None
+            if isinstance(loaded, BaseException):
+                error = loaded
+        if error is None:
+            error = RuntimeError(
+                f"{payload.description} (keras_oom: the worker's exception "
+                f"could not be rebuilt in this process; this RuntimeError "
+                f"stands in for it)"
+            )
+        with contextlib.suppress(BaseException):  # a class that refuses it
+            object.__setattr__(error, "__cause__", RemoteTraceback(payload.traceback))
+        add_note(
+            error,
+            f"keras_oom: raised in {where}, traceback (most recent call last):\n"
+            f"{payload.frames}",
+        )
+        return error
+
+
+def _pickled(e: BaseException) -> bytes | None:
+    """`e` pickled, if it also unpickles: by `pickle`, else from its state."""
+    for candidate in (e, _ByState(e)):
         try:
-            error = pickle.loads(payload.pickled)
-        except Exception:
-            error = None
-    if error is None:
-        error = RuntimeError(payload.description)
-    error.__cause__ = RemoteTraceback(payload.traceback)
-    add_note(
-        error,
-        f"keras_oom: raised in {where}, traceback (most recent call last):\n"
-        f"{payload.frames}",
-    )
+            data = pickle.dumps(candidate)
+            pickle.loads(data)  # it must also come back in the parent
+        except BaseException:
+            continue
+        return data
+    return None
+
+
+class _ByState:
+    """Pickles an exception as its class, `args` and attributes.
+
+    `pickle` rebuilds an exception as `cls(*args)`, then sets its attributes
+    with `setattr`: an `__init__` that takes other arguments, or a frozen
+    dataclass's `__setattr__`, refuses. This rebuilds it as `copyreg` does
+    for plain objects, calling neither.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        e = self.error
+        return (_rebuild_exception, (type(e), e.args, dict(vars(e))))
+
+
+def _rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+) -> BaseException:
+    error = cls.__new__(cls, *args)
+    object.__setattr__(error, "args", args)
+    for name, value in state.items():
+        object.__setattr__(error, name, value)
     return error
+
+
+def _headline(e: BaseException) -> str:
+    try:
+        name = f"{type(e).__module__}.{type(e).__qualname__}"
+    except BaseException:
+        name = "<exception>"
+    return f"{name}: {_safe_str(e)}"
 
 
 def _safe_str(e: BaseException) -> str:
     try:
         return str(e)
-    except Exception:
+    except BaseException:
         return f"<{type(e).__name__}: str() failed>"
 
 
-def add_note(exc: BaseException, note: str) -> None:
-    """Attaches `note` to `exc` (PEP 678), also on Python 3.10."""
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
-    else:  # pragma: no cover - Python 3.10
-        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+def add_note(exc: BaseException, note: str) -> bool:
+    """Attaches `note` to `exc` (PEP 678), whatever `exc` allows; never raises.
+
+    `exc.add_note` first. Where it refuses (a frozen dataclass's
+    `__setattr__`, `__notes__` that is a tuple, a string or not a sequence)
+    the notes are rebuilt as a list, keeping those already there, and set
+    with `object.__setattr__`, which bypasses the class's own `__setattr__`.
+    When nothing works, the note is dropped and `exc` is left as it was, so
+    the caller still raises the user's own exception.
+
+    Args:
+        exc: The exception, of any class.
+        note: The text to attach.
+
+    Returns:
+        Whether the note was attached.
+    """
+    with deferred_interrupts():
+        try:
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(note)
+                return True
+        except BaseException:
+            pass
+        try:
+            old = getattr(exc, "__notes__", None)
+        except BaseException:
+            old = None
+        try:
+            object.__setattr__(exc, "__notes__", [*_as_notes(old), note])
+        except BaseException:
+            return False
+        return True
+
+
+def _as_notes(notes: Any) -> list[Any]:
+    if notes is None:
+        return []
+    if isinstance(notes, (list, tuple)):
+        return list(notes)
+    return [notes]  # a string, or anything else: one note, as traceback shows it
 
 
 def describe_ids(ids: Any, limit: int = 3) -> str:
-    """A short, printable preview of a batch's sample ids."""
-    shown = ", ".join(repr(i.item() if hasattr(i, "item") else i) for i in ids[:limit])
-    more = f", ... ({len(ids)} ids)" if len(ids) > limit else ""
-    return f"[{shown}{more}]"
+    """A short, printable preview of a batch's sample ids; never raises.
+
+    An id whose `repr` raises (any class) shows as `<TypeName>`.
+    """
+    with deferred_interrupts():
+        try:
+            count = len(ids)
+            shown = ", ".join(describe_id(ids[k]) for k in range(min(count, limit)))
+        except BaseException:
+            return f"<ids of type {type(ids).__name__}>"
+        more = f", ... ({count} ids)" if count > limit else ""
+        return f"[{shown}{more}]"
+
+
+def describe_id(sample_id: Any) -> str:
+    """One sample id as `describe_ids` shows it; never raises."""
+    try:
+        return repr(sample_id.item() if hasattr(sample_id, "item") else sample_id)
+    except BaseException:
+        return f"<{type(sample_id).__name__}>"
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds SIGINT back until the block ends, then delivers it.
+
+    Python raises KeyboardInterrupt between any two bytecodes; inside a
+    block that updates the pool and the schedule together, that would leave
+    them disagreeing (a key marked sent but never sent, a descriptor left
+    in a socket). Inside one, a KeyboardInterrupt can only come from code
+    the block calls (a loader's exception being rebuilt, a `__repr__`), so
+    the error paths here may catch every class without swallowing Ctrl-C.
+    Only the main thread receives signals, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or previous is signal.SIG_IGN:
+        yield
+        return
+    received: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            else:  # SIG_DFL
+                os.kill(os.getpid(), signal.SIGINT)

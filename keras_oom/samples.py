@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from keras_oom import seeding, transport
-from keras_oom.protocol import add_note
+from keras_oom.protocol import add_note, describe_id
 
 
 def batch_array(shape: int | Sequence[int], dtype: Any = float) -> np.ndarray:
@@ -245,11 +245,11 @@ class StackedSamples:
                 rng = np.random.Generator(kind(seed))
                 return self.sample_loader(sample_id, rng=rng)
             return self.sample_loader(sample_id)
-        except Exception as e:
+        except BaseException as e:
             add_note(
                 e,
                 f"keras_oom.stack_samples: raised by sample_loader for sample "
-                f"id {_show(sample_id)}",
+                f"id {describe_id(sample_id)}",
             )
             raise
 

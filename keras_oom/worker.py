@@ -35,10 +35,17 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from keras_oom import seeding, transport
-from keras_oom.protocol import Failed, Loaded, Ready, StartFailed, encode_error
+from keras_oom.protocol import (
+    Failed,
+    Loaded,
+    Ready,
+    StartFailed,
+    encode_error,
+    unpack_ids,
+)
 from keras_oom.source import call_loader
 
 
@@ -104,6 +111,15 @@ def run(
 
 
 def _serve(conn: Connection, loader: Any) -> None:
+    """Answers each request with exactly one `Loaded` or `Failed`.
+
+    An exception of any class while one batch is handled (unpickling its
+    ids, the loader, pickling the batch) fails that batch and the worker
+    serves on: SIGINT is ignored here, so even a `KeyboardInterrupt` or a
+    `SystemExit` is the loader's own error, for the caller to see. Only a
+    reply that fails after part of it went out ends the worker, as a broken
+    socket does: the parent could no longer read the stream in step.
+    """
     writer = transport.BatchWriter()
     writer.activate()  # `batch_array` allocates in its buffers from now on
     wants_rng = seeding.accepts_rng(loader)
@@ -115,19 +131,22 @@ def _serve(conn: Connection, loader: Any) -> None:
         seeding.seed_global_generators(seeding.batch_seed(*request.seed))
         key, start = request.key, time.perf_counter()
         try:
-            value = call_loader(loader, wants_rng, request.ids, request.seed)
-        except Exception as e:
+            ids = unpack_ids(request.ids)
+            value = call_loader(loader, wants_rng, ids, request.seed)
+        except BaseException as e:
             seconds = time.perf_counter() - start
             conn.send(Failed(key, seconds, time.process_time(), encode_error(e)))
             continue
         seconds = time.perf_counter() - start
         cpu = time.process_time()
+        reply = _WatchedConnection(conn)
+        message = functools.partial(Loaded, key, seconds, cpu)
         try:
-            writer.send(conn, functools.partial(Loaded, key, seconds, cpu), value)
-        except (BrokenPipeError, ConnectionResetError):
-            raise
-        except Exception as e:  # the batch does not pickle
-            conn.send(Failed(key, seconds, cpu, encode_error(e)))
+            writer.send(cast(Connection, reply), message, value)
+        except BaseException as e:
+            if reply.used:  # part of the reply may be out: the stream is broken
+                raise
+            conn.send(Failed(key, seconds, cpu, encode_error(e)))  # did not pickle
         finally:
             # Else a zero-copy batch's buffer stays held here while the next
             # batch loads, and that batch cannot reuse it.
@@ -158,6 +177,23 @@ def _end_group() -> None:
         if os.getpgid(0) == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
     os._exit(1)
+
+
+class _WatchedConnection:
+    """A connection that notes whether anything used it.
+
+    `BatchWriter.send` pickles the batch before it touches the connection,
+    so an error raised while nothing used it left nothing in the socket,
+    and the worker can answer `Failed` instead.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.used = False
+
+    def __getattr__(self, name: str) -> Any:
+        self.used = True
+        return getattr(self._conn, name)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -11,6 +11,7 @@ subprocess script.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -20,6 +21,7 @@ import threading
 import time
 import traceback
 
+import _faults
 import _procs
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from keras_oom import (
     PrefetchLoaderDataset,
     WorkerDiedError,
     WorkerTimeoutError,
+    stack_samples,
 )
 from keras_oom.protocol import RemoteTraceback
 
@@ -86,23 +89,36 @@ def test_loader_exception_reaches_the_caller_with_its_traceback():
             ds[2]
 
 
-@pytest.mark.parametrize(
-    ("action", "name"),
-    [("needs_arg", "NeedsArgError"), ("lock", "LockHoldingError")],
-)
-def test_exception_that_does_not_pickle_becomes_runtime_error(action, name):
+def test_exception_that_does_not_pickle_becomes_runtime_error():
+    name = "LockHoldingError"
     with PrefetchLoaderDataset(
-        faulty({5: action}), IDS, batch_size=4, num_workers=2
+        faulty({5: "lock"}), IDS, batch_size=4, num_workers=2
     ) as ds:
         expect(ds, 0)
         with pytest.raises(RuntimeError, match=name) as info:
             ds[1]
+        assert type(info.value) is RuntimeError
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert name in str(info.value.__cause__)
         notes = " ".join(getattr(info.value, "__notes__", []))
         assert "batch 1" in notes
         expect(ds, 2)
         expect(ds, 3)
+
+
+def test_exception_whose_init_refuses_unpickling_arrives_as_itself():
+    """Kind C: `pickle` rebuilds an exception as `cls(*args)`, which an
+    `__init__` taking other arguments refuses: it became a `RuntimeError`;
+    rebuilt from its class, args and attributes, it is the loader's own."""
+    with PrefetchLoaderDataset(
+        faulty({5: "needs_arg"}), IDS, batch_size=4, num_workers=2
+    ) as ds:
+        expect(ds, 0)
+        with pytest.raises(_procs.NeedsArgError, match="needs-arg failure: 5") as info:
+            ds[1]
+        assert info.value.extra == "extra"
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        expect(ds, 2)
 
 
 def test_batch_that_does_not_pickle_becomes_an_error():
@@ -114,6 +130,157 @@ def test_batch_that_does_not_pickle_becomes_an_error():
         with pytest.raises(TypeError, match="lock"):
             ds[1]
         expect(ds, 2)
+
+
+# -- an exception of any class at any step of a read (issue 14, Kind C) ----------
+
+
+@contextlib.contextmanager
+def nothing_escapes():
+    """Fails the test, instead of ending the run, when a BaseException that
+    the test did not expect (a KeyboardInterrupt, a SystemExit...) escapes."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, _faults.CustomBaseError) as e:
+        pytest.fail(f"{type(e).__name__} escaped: {e!r}")
+
+
+def fault_dataset(where, step, fault):
+    """The dataset a fault test reads: 24 object ids (`_faults.sample_ids`)."""
+    ids = _faults.sample_ids(24, fault)
+    if step == "sample-loader":
+        load = stack_samples(functools.partial(_faults.sample_loader, fault=fault))
+    else:
+        load = functools.partial(_faults.loader, fault=fault)
+    if where == "LoaderDataset":
+        return LoaderDataset(load, ids, batch_size=4)
+    return PrefetchLoaderDataset(
+        load, ids, batch_size=4, num_workers=2, start_method=where
+    )
+
+
+def expect_batch(ds, i):
+    got = _faults.values(ds[i])
+    np.testing.assert_array_equal(got, np.arange(4 * i, 4 * i + 4) * 2)
+
+
+FAULT_CASES = [
+    (where, step)
+    for where in ("LoaderDataset", "fork", "subprocess")
+    for step in _faults.STEPS
+    if where != "LoaderDataset" or step in _faults.LOADER_STEPS
+]
+# Where the exception is raised in a worker, and must say so.
+IN_WORKER = {"receive-request", "loader", "send-reply", "decorate", "sample-loader"}
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("exc", sorted(_faults.CLASSES))
+@pytest.mark.parametrize(("where", "step"), FAULT_CASES)
+def test_a_fault_of_any_class_at_any_step_ends_only_its_read(
+    tmp_path, where, step, exc
+):
+    """Kind C (issue 14, item 5 generalised): an exception of any class
+    (`BaseException` subclasses and a frozen dataclass included), raised at
+    any step of a read, ends that read with the user's own exception (a
+    `RuntimeError` naming it when it cannot be rebuilt in the parent) and a
+    note naming the batch; the next read of the same batch and of another
+    one returns the right batch, and no worker is replaced. Before: hangs,
+    `WorkerDiedError` for healthy workers, the exception escaping the pool,
+    or `TypeError: Cannot add note` in place of the user's exception."""
+    token = tmp_path / "fired"
+    fault = _faults.Fault(step, exc, str(token), os.getpid())
+    expected = RuntimeError if step == "receive-error" else _faults.CLASSES[exc]
+    with nothing_escapes():
+        ds = fault_dataset(where, step, fault)
+        try:
+            pids = None if where == "LoaderDataset" else ds.worker_pids
+            expect_batch(ds, 0)
+            with pytest.raises(expected) as info:
+                ds[1]
+            error = info.value
+            assert type(error) is expected, repr(error)
+            assert token.exists(), "the fault never fired"
+            notes = [str(n) for n in getattr(error, "__notes__", [])]
+            assert any("batch 1" in n for n in notes), notes
+            if step == "receive-error":
+                assert "UnrebuildableError" in str(error)
+            if step in ("decorate", "sample-loader"):
+                assert "a note of the loader's" in notes, notes
+            if where != "LoaderDataset" and step in IN_WORKER:
+                # Not to be taken for this process's own Ctrl-C or exit.
+                assert any("raised in worker" in n for n in notes), notes
+            expect_batch(ds, 1)
+            expect_batch(ds, 2)
+            if pids is not None:
+                assert ds.worker_pids == pids, "a healthy worker was replaced"
+        finally:
+            if where != "LoaderDataset":
+                ds.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_sample_ids_that_do_not_pickle_fail_their_batch_again_instead_of_hanging(
+    start_method,
+):
+    """Kind C (issue 14, item 4): an object array of ids holding a
+    `threading.Lock()`, which `LoaderDataset` reads: the first read raised
+    `TypeError: cannot pickle`, the second read of the same batch hung
+    forever (its key was marked held before the send failed)."""
+    ids = np.empty(24, dtype=object)
+    ids[:] = list(range(24))
+    ids[5] = threading.Lock()
+
+    np.testing.assert_array_equal(
+        LoaderDataset(_faults.object_ids_loader, ids, batch_size=4)[1],
+        [8, -2, 12, 14],
+    )
+    with PrefetchLoaderDataset(
+        _faults.object_ids_loader,
+        ids,
+        batch_size=4,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        pids = ds.worker_pids
+        np.testing.assert_array_equal(ds[0], [0, 2, 4, 6])
+        for _ in range(2):
+            with pytest.raises(TypeError, match="cannot pickle") as info:
+                ds[1]
+            notes = " ".join(getattr(info.value, "__notes__", []))
+            assert "batch 1" in notes and "sample ids" in notes, notes
+        np.testing.assert_array_equal(ds[2], [16, 18, 20, 22])
+        np.testing.assert_array_equal(ds[0], [0, 2, 4, 6])
+        assert ds.worker_pids == pids
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("where", ["LoaderDataset", "stack_samples", "fork"])
+def test_a_loader_exception_that_refuses_notes_arrives_as_itself(tmp_path, where):
+    """Kind C (issue 14, item 5): a frozen dataclass exception made
+    `LoaderDataset` and `stack_samples` raise `FrozenInstanceError`, and the
+    pool report `WorkerDiedError: ... stopped responding` (replacing a
+    healthy worker) for an exception whose `__notes__` is a tuple."""
+    step = "sample-loader" if where == "stack_samples" else "decorate"
+    for exc in ("FrozenError", "ValueError"):
+        token = tmp_path / exc
+        fault = _faults.Fault(step, exc, str(token), os.getpid())
+        ds = fault_dataset("fork" if where == "fork" else "LoaderDataset", step, fault)
+        try:
+            pids = ds.worker_pids if where == "fork" else None
+            with pytest.raises(_faults.CLASSES[exc]) as info:
+                ds[1]
+            assert type(info.value) is _faults.CLASSES[exc]
+            notes = [str(n) for n in info.value.__notes__]
+            assert notes[:2] == ["a note of the loader's", "42"], notes
+            assert any("keras_oom: while loading batch 1" in n for n in notes)
+            expect_batch(ds, 1)
+            if pids is not None:
+                assert ds.worker_pids == pids
+        finally:
+            if where == "fork":
+                ds.close()
 
 
 # -- dying and stuck workers ------------------------------------------------------
