@@ -97,7 +97,7 @@ def run(
                 raise TypeError(f"loader is not callable: {loader!r}")
             if worker_init is not None:
                 worker_init(index)
-        except Exception as e:
+        except BaseException as e:  # any class: the pool must hear why
             conn.send(StartFailed(os.getpid(), encode_error(e)))
             return
         conn.send(Ready(os.getpid()))

@@ -385,6 +385,10 @@ class InitError(Exception):
     pass
 
 
+class InitAbort(BaseException):
+    """A `BaseException` subclass, as `SystemExit` or a library's abort is."""
+
+
 def record_init(index, path):
     """worker_init that appends "<pid> <index>" to `path`."""
     with open(path, "a") as f:
@@ -396,6 +400,13 @@ def raising_init(index, path):
     with open(path, "a") as f:
         f.write(f"{os.getpid()} {index}\n")
     raise InitError(f"cannot open the database in worker {index}")
+
+
+def base_raising_init(index, path):
+    """worker_init that records its call in `path`, then raises InitAbort."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {index}\n")
+    raise InitAbort(f"worker {index} aborts its setup")
 
 
 def read_init_log(path) -> list[tuple[int, int]]:

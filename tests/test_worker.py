@@ -106,6 +106,32 @@ def test_raising_worker_init_gives_its_error_then_worker_start_error(
     assert 1 <= calls <= 2, calls  # at most one try per slot: no restart loop
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_worker_init_raising_a_base_exception_arrives_as_itself(tmp_path, start_method):
+    """Kind C: a `BaseException` subclass from `worker_init` is the start's
+    error, as an `Exception` is, not a worker that dies without a word."""
+    log = tmp_path / "init.log"
+    ds = PrefetchLoaderDataset(
+        _procs.ids_loader,
+        np.arange(12),
+        batch_size=2,
+        num_workers=2,
+        start_method=start_method,
+        worker_init=functools.partial(_procs.base_raising_init, path=str(log)),
+    )
+    try:
+        with pytest.raises(_procs.InitAbort) as info:
+            ds[0]
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert "base_raising_init" in notes, notes
+        with pytest.raises(keras_oom.WorkerStartError):
+            ds[1]
+    finally:
+        ds.close()
+    assert 1 <= len(_procs.read_init_log(log)) <= 2
+
+
 def _socket_inodes(pid: int) -> set[str]:
     """The sockets `pid` holds, as /proc names them (`socket:[inode]`)."""
     out = set()
