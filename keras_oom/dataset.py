@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -74,17 +75,27 @@ class LoaderDataset(keras.utils.PyDataset):
             of the epoch's order, so a few samples are seen twice per epoch;
             `"drop"` leaves the last `len(sample_ids) % count` samples of the
             epoch's order out (different ones each epoch when shuffled).
+        rows_per_id: How many rows the loader returns per id: every array
+            in its output must have `len(ids) * rows_per_id` rows (its
+            leading dimension). `1` (default) for one row per sample; `k`
+            for a loader that returns, e.g., `k` crops of each sample, id by
+            id: labels and sample weights are then repeated `k` times per
+            id. `None` skips the check (not with `labels`). A batch that
+            breaks it raises `ValueError` when the dataset attaches labels
+            or weights (they would be paired with the wrong rows), and
+            otherwise warns once per dataset.
         **kwargs: `workers`, `use_multiprocessing` and `max_queue_size`,
             passed unchanged to `keras.utils.PyDataset`.
 
     Raises:
         TypeError: If `loader` is not callable (or is missing without a
-            `load` override), or `batch_size` is not an integer.
+            `load` override), or `batch_size` or `rows_per_id` is not an integer.
         ValueError: If `sample_ids` is empty or not 1-D, `labels` or
             `sample_weights` differ in length from `sample_ids`,
             `sample_weights` come without `labels`, `batch_size` is below 1
             (or leaves no batch with `drop_remainder=True`), `shard` is out
-            of range, or a shuffled sharded dataset has no `seed`.
+            of range, a shuffled sharded dataset has no `seed`, or
+            `rows_per_id` is below 1 (or `None` with `labels`).
 
     Example:
 
@@ -116,6 +127,7 @@ class LoaderDataset(keras.utils.PyDataset):
         repeat: bool = False,
         shard: tuple[int, int] | str | None = None,
         shard_mode: str = "pad",
+        rows_per_id: int | None = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,8 +153,10 @@ class LoaderDataset(keras.utils.PyDataset):
             drop_remainder=drop_remainder,
             shard=shard,
             shard_mode=shard_mode,
+            rows_per_id=rows_per_id,
         )
         self._plan = self._source.plan
+        self._rows_warned = False
         self._repeat = bool(repeat)
         self._epoch = 0
         self._passes = TrainingPasses()
@@ -177,6 +191,8 @@ class LoaderDataset(keras.utils.PyDataset):
 
         Raises:
             IndexError: If `index` is out of range.
+            ValueError: If the dataset attaches labels and an array of the
+                loader's output does not have `len(ids) * rows_per_id` rows.
         """
         epoch, batch = self._locate(index)
         ids = self._source.ids(epoch, batch)
@@ -188,6 +204,7 @@ class LoaderDataset(keras.utils.PyDataset):
             where = f"batch {self._global_index(epoch, batch)}"
             add_note(e, f"keras_oom: while loading {where}, ids {describe_ids(ids)}")
             raise
+        self._check_rows(x, epoch, batch)
         return self._source.with_targets(x, epoch, batch)
 
     def on_epoch_begin(self) -> None:
@@ -292,6 +309,11 @@ class LoaderDataset(keras.utils.PyDataset):
         return self._plan.drop_remainder
 
     @property
+    def rows_per_id(self) -> int | None:
+        """Rows the loader returns per id (`None`: not checked)."""
+        return self._source.rows_per_id
+
+    @property
     def repeat(self) -> bool:
         """Whether the dataset is endless (index `i` runs into later epochs)."""
         return self._repeat
@@ -319,6 +341,29 @@ class LoaderDataset(keras.utils.PyDataset):
         if self._repeat:
             return (epoch - self._epoch) * self._plan.batches_per_epoch + batch
         return batch
+
+    def _check_rows(self, x: Any, epoch: int, batch: int) -> None:
+        """Raises (labels attached) or warns once unless `x` has a row per id."""
+        ids = self._source.ids(epoch, batch)
+        problem = self._source.row_mismatch(x, ids, self._global_index(epoch, batch))
+        if problem is None:
+            return
+        if self._source.labels is not None:
+            targets = "labels"
+            if self._source.sample_weights is not None:
+                targets = "labels and sample weights"
+            raise ValueError(
+                f"{problem} The dataset pairs each id with its {targets}, so "
+                f"these rows would be trained on the wrong targets."
+            )
+        if not self._rows_warned:
+            self._rows_warned = True
+            warnings.warn(
+                f"{problem} Keras will see more or fewer samples than ids (this "
+                f"warning is shown once per dataset).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _batch_loader(self) -> Callable[..., Any]:
         """What loads a batch: the `loader`, or a subclass's `load`."""

@@ -89,7 +89,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         *args, **kwargs: Every other argument of `LoaderDataset`, by
             position (`loader`, `sample_ids`, `labels`) or by name
             (`sample_weights`, `batch_size`, `shuffle`, `seed`,
-            `drop_remainder`, `repeat`, `shard`, `shard_mode`).
+            `drop_remainder`, `repeat`, `shard`, `shard_mode`,
+            `rows_per_id`).
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
@@ -202,6 +203,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             WorkerDiedError: If the worker loading the batch died.
             WorkerTimeoutError: If the batch took longer than `timeout`.
             WorkerStartError: If workers could not be started.
+            ValueError: If the dataset attaches labels and an array of the
+                loader's output does not have `len(ids) * rows_per_id` rows.
             RuntimeError: If called in a forked child of the owning process.
             Exception: Whatever the loader raised, with the worker's
                 traceback in its notes and as its cause.
@@ -225,6 +228,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._counters["batches"] += 1
         if outcome.error is not None:
             self._raise(outcome, epoch, batch)
+        self._check_rows(outcome.value, epoch, batch)
         return self._source.with_targets(outcome.value, epoch, batch)
 
     def on_epoch_end(self) -> None:
