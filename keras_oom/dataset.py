@@ -158,8 +158,11 @@ class LoaderDataset(keras.utils.PyDataset):
         self._plan = self._source.plan
         self._rows_warned = False
         self._repeat = bool(repeat)
+        # Index 0 reads batch `_start` of epoch `_epoch`: training's stream
+        # position `_epoch * batches_per_epoch + _start` (see `set_epoch`).
         self._epoch = 0
-        self._passes = TrainingPasses()
+        self._start = 0
+        self._passes = TrainingPasses(None if repeat else self._plan.batches_per_epoch)
         # Read once: the loader (or the subclass's `load`) cannot change.
         self._wants_rng = seeding.accepts_rng(self._batch_loader())
 
@@ -195,6 +198,7 @@ class LoaderDataset(keras.utils.PyDataset):
                 loader's output does not have `len(ids) * rows_per_id` rows.
         """
         epoch, batch = self._locate(index)
+        self._passes.read(self._global_index(epoch, batch))
         ids = self._source.ids(epoch, batch)
         fn = self._batch_loader()
         seed = self._source.seed_of(epoch, batch)
@@ -212,16 +216,30 @@ class LoaderDataset(keras.utils.PyDataset):
         self._passes.begin()
 
     def on_epoch_end(self) -> None:
-        """Advances to the next epoch's order once per training epoch.
+        """Advances to the next epoch's order once per pass of training.
 
-        Keras calls this after every pass over the data: `fit`'s epochs,
-        but also once before training (after reading a batch to build the
-        model), and around every `evaluate` and `predict`. Only the end of
-        a training epoch, or a call from your own loop, advances `epoch`
-        (see `keras_oom.callbacks.TrainingPasses`); with `repeat=True` it
-        never does, as index `i` already names its epoch.
+        An epoch is one pass over the data: every batch once. Keras calls
+        this after each of its epochs, which are passes only when
+        `steps_per_epoch` is None (or at least `batches_per_epoch`), and
+        also once before training (after reading a batch to build the
+        model), and around every `evaluate` and `predict`. The epoch
+        advances when training has read every batch of the current one
+        (so with a smaller `steps_per_epoch`, once per several Keras
+        epochs), when a call comes from your own loop, and, when a new
+        `fit` begins, past a pass that the last one left unfinished (see
+        `keras_oom.callbacks.TrainingPasses`). With `repeat=True` index `i`
+        already names its epoch: only a new `fit` moves it on, to the
+        epoch after the last one the previous `fit` read.
         """
-        if self._passes.end() and not self._repeat:
+        if not self._passes.end():
+            return
+        per_epoch = self._plan.batches_per_epoch
+        ended_at = self._passes.ended_at
+        if self._passes.new_fit and ended_at is not None:
+            # The epoch after the last one training read from.
+            self._epoch += (self._start + ended_at) // per_epoch + 1
+            self._start = 0
+        elif not self._repeat:
             self._epoch += 1
 
     # -- public helpers -----------------------------------------------------
@@ -256,21 +274,44 @@ class LoaderDataset(keras.utils.PyDataset):
         """
         return self._source.ids(*self._locate(index))
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
         """Sets the epoch whose sample order the batches follow.
+
+        With `batch`, index 0 reads batch `batch` of `epoch`, and the
+        indices after it the batches after it, into the next epoch once
+        this one is exhausted: index `i` is stream position
+        `epoch * batches_per_epoch + batch + i`, where position `g` is
+        batch `g % batches_per_epoch` of epoch `g // batches_per_epoch`.
+        `SyncEpoch` uses it to resume a run whose Keras epochs are shorter
+        than a pass (`steps_per_epoch`) in the middle of one.
 
         Args:
             epoch: Non-negative epoch number, e.g. to resume a run.
+            batch: The batch of `epoch` that index 0 reads, in
+                `range(batches_per_epoch)`.
+
+        Raises:
+            TypeError: If `epoch` or `batch` is not an integer.
+            ValueError: If `epoch` is negative or `batch` out of range.
         """
         epoch = as_index(epoch, "epoch")
         if epoch < 0:
             raise ValueError(f"`epoch` must be >= 0. Received: epoch={epoch}")
+        batch = as_index(batch, "batch")
+        per_epoch = self._plan.batches_per_epoch
+        if not 0 <= batch < per_epoch:
+            raise ValueError(
+                f"`batch` must be in range({per_epoch}), the batches of one "
+                f"epoch. Received: batch={batch}"
+            )
         self._epoch = epoch
+        self._start = batch
         self._passes.reset()
 
     @property
     def epoch(self) -> int:
-        """The current epoch (advanced by `on_epoch_end`)."""
+        """The current epoch, whose order index 0 reads (advanced by
+        `on_epoch_end` once per pass of training)."""
         return self._epoch
 
     @property
@@ -329,18 +370,19 @@ class LoaderDataset(keras.utils.PyDataset):
                 raise IndexError(
                     f"Negative index {i} on an endless (repeat=True) dataset."
                 )
-            return self._epoch + i // per_epoch, i % per_epoch
-        if not -per_epoch <= i < per_epoch:
+        elif not -per_epoch <= i < per_epoch:
             raise IndexError(
                 f"Batch index {i} out of range for {per_epoch} batches per epoch."
             )
-        return self._epoch, i % per_epoch
+        else:
+            i %= per_epoch
+        epoch, batch = divmod(self._start + i, per_epoch)
+        return self._epoch + epoch, batch
 
     def _global_index(self, epoch: int, batch: int) -> int:
         """The index Keras used for `(epoch, batch)`, for messages."""
-        if self._repeat:
-            return (epoch - self._epoch) * self._plan.batches_per_epoch + batch
-        return batch
+        per_epoch = self._plan.batches_per_epoch
+        return (epoch - self._epoch) * per_epoch + batch - self._start
 
     def _check_rows(self, x: Any, epoch: int, batch: int) -> None:
         """Raises (labels attached) or warns once unless `x` has a row per id."""

@@ -212,6 +212,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         with self._lock:
             self._ensure_started()
             epoch, batch = self._locate(index)
+            self._passes.read(self._global_index(epoch, batch))
             key = (epoch, batch)
             hit, value = self._cache.get(key)
             start = time.perf_counter()
@@ -233,14 +234,14 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def on_epoch_end(self) -> None:
         with self._lock:
-            before = self._epoch
+            before = self._epoch, self._start
             super().on_epoch_end()
-            if self._epoch != before:
+            if (self._epoch, self._start) != before:
                 self._restart_window()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
         with self._lock:
-            super().set_epoch(epoch)
+            super().set_epoch(epoch, batch)
             self._ensure_started()
             self._restart_window()
 
@@ -395,10 +396,13 @@ class PrefetchLoaderDataset(LoaderDataset):
         return pool
 
     def _restart_window(self) -> None:
-        """Loads ahead from the start of the current epoch."""
+        """Loads ahead from what index 0 reads: batch `_start` of `_epoch`."""
         if self._schedule is not None:
             with deferred_interrupts():
                 self._schedule.restart(self._epoch)
+                if self._start:
+                    # The window follows the last request: make it index 0.
+                    self._schedule.request((self._epoch, self._start))
                 self._dispatch()
 
     def _fetch(self, key: Key) -> Outcome:
