@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import pickle
 import threading
 import time
 import warnings
@@ -35,6 +36,7 @@ from keras_oom.pool import (
 from keras_oom.protocol import Load, add_note, describe_ids
 from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
 from keras_oom.source import as_index
+from keras_oom.state import StateTracker, Update
 
 _KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
 _COUNTERS = ("batches", "hits", "discarded")
@@ -122,6 +124,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         worker_init: Callable[[int], Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        before = set(vars(self))  # a subclass's own attributes, set first
         for name in _KERAS_PARALLELISM:
             if name in kwargs:
                 raise ValueError(
@@ -161,6 +164,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             # Fail at construction where we can: the loader is known now.
             pickle_setup(self._worker_setup(), start_method or "subprocess")
         self._init_runtime()
+        # The dataset's own machinery: never loader state (see state.py).
+        self._internal = frozenset(vars(self)) - before | {"_internal"}
 
     def _init_runtime(self) -> None:
         """The per-process state: no pool until the dataset is first used."""
@@ -176,6 +181,13 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._final_stats: dict[str, Any] | None = None
         self._finalizer: weakref.finalize | None = None
         self._cpu_at_start = 0.0
+        # Loader state between epochs (state.py): what workers have, whether
+        # to look again at the next read, and requests sent before a change,
+        # as (worker, key), whose batches must not be served.
+        self._state: StateTracker | None = None
+        self._state_due = False
+        self._stale: set[tuple[int, Key]] = set()
+        self._stale_discarded = 0
 
     def _worker_setup(self) -> WorkerSetup:
         if type(self).load is LoaderDataset.load:
@@ -211,6 +223,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         """
         with self._lock:
             self._ensure_started()
+            self._check_state()
             epoch, batch = self._locate(index)
             self._passes.read(self._global_index(epoch, batch))
             key = (epoch, batch)
@@ -232,17 +245,38 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._check_rows(outcome.value, epoch, batch)
         return self._source.with_targets(outcome.value, epoch, batch)
 
+    def on_epoch_begin(self) -> None:
+        with self._lock:
+            self._state_due = True
+            super().on_epoch_begin()
+
     def on_epoch_end(self) -> None:
         with self._lock:
+            self._state_due = True
             before = self._epoch, self._start
             super().on_epoch_end()
             if (self._epoch, self._start) != before:
-                self._restart_window()
+                self._moved(before[1])
 
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         with self._lock:
+            self._state_due = True
+            start = self._start
             super().set_epoch(epoch, batch)
             self._ensure_started()
+            self._moved(start)
+
+    def _moved(self, start_before: int) -> None:
+        """Index 0 names another batch now: load ahead from there.
+
+        A subclass's `load` may read `self.epoch`, which workers set per
+        batch to what it will be when the batch is read (`_position_state`):
+        right for every batch loaded ahead unless `_start` changed, or, with
+        `repeat=True`, `epoch` did.
+        """
+        if self._load_overridden() and (self._repeat or self._start != start_before):
+            self._discard_loaded()
+        else:
             self._restart_window()
 
     # -- lifecycle ------------------------------------------------------------
@@ -350,7 +384,9 @@ class PrefetchLoaderDataset(LoaderDataset):
         cpu += sum(w["cpu_seconds"] for w in workers) + pool.retired_cpu_seconds
         cores = _cores()
         out: dict[str, Any] = dict(self._counters)
-        out["discarded"] = self._schedule.discarded if self._schedule else 0
+        out["discarded"] = self._stale_discarded
+        if self._schedule is not None:
+            out["discarded"] += self._schedule.discarded
         out["wait_seconds"] = self._seconds["wait"]
         out["load_seconds"] = self._seconds["load"]
         out["elapsed_seconds"] = elapsed
@@ -377,6 +413,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         if self._pool is not None:
             self._pool.raise_if_broken()  # at once, even for a kept batch
             return self._pool
+        state = self._track_state()
         pool = WorkerPool(
             self._worker_setup(),
             self._num_workers,
@@ -388,7 +425,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         # starts one) or a pool that this dataset owns and will close.
         with deferred_interrupts():
             pool.start()  # closes the pool if it raises
-            self._pool, self._schedule = pool, schedule
+            self._pool, self._schedule, self._state = pool, schedule, state
             self._finalizer = weakref.finalize(self, pool.close)
             self._cpu_at_start = time.process_time()
             self._apply(pool.take_events())
@@ -436,23 +473,92 @@ class PrefetchLoaderDataset(LoaderDataset):
         return outcome
 
     def _apply(self, events: list[Event]) -> None:
-        schedule = self._schedule
-        assert schedule is not None
+        schedule, state = self._schedule, self._state
+        assert schedule is not None and state is not None
         for event in events:
             if isinstance(event, Joined):
                 schedule.add_worker(event.slot)
+                state.joined(event.slot)
             elif isinstance(event, Arrived):
                 key = schedule.arrived(event.slot, event.outcome)
                 assert key == event.key, (key, event.key)
+                if (event.slot, key) in self._stale:
+                    self._stale.discard((event.slot, key))
+                    self._drop(key)
             elif isinstance(event, Lost):
-                schedule.lost(event.slot, event.outcome)
+                lost = schedule.lost(event.slot, event.outcome)
+                if lost is not None and (event.slot, lost) in self._stale:
+                    self._stale.discard((event.slot, lost))
+                    if event.outcome is not None:
+                        self._drop(lost)
 
     def _dispatch(self) -> None:
-        pool, schedule = self._pool, self._schedule
-        assert pool is not None and schedule is not None
+        pool, schedule, state = self._pool, self._schedule, self._state
+        assert pool is not None and schedule is not None and state is not None
         for slot, key in schedule.assign():
             ids = self._source.ids(*key)
-            pool.submit(slot, Load(key, ids, [], self._source.seed_of(*key)))
+            updates = state.updates_for(slot) + self._position_state(key)
+            pool.submit(slot, Load(key, ids, [], self._source.seed_of(*key), updates))
+
+    # -- loader state between epochs (state.py) -------------------------------
+
+    def _load_overridden(self) -> bool:
+        return type(self).load is not LoaderDataset.load
+
+    def _track_state(self) -> StateTracker:
+        """Fingerprints what workers are about to get, to see it change."""
+        if self._load_overridden():
+            return StateTracker(self, self._internal, type(self).__name__)
+        loader = self._loader
+        name = getattr(loader, "__qualname__", None) or type(loader).__name__
+        return StateTracker(loader, owner=name)
+
+    def _check_state(self) -> None:
+        """At the first read after an epoch boundary: did the state change?
+
+        If so, every batch loaded or loading with the old state is dropped,
+        and each worker's next request carries what changed.
+        """
+        if not self._state_due or self._state is None:
+            return
+        changed = self._state.refresh()  # raises if a change cannot travel
+        self._state_due = False
+        if changed:
+            self._discard_loaded()
+
+    def _discard_loaded(self) -> None:
+        """Drops every batch loaded ahead, and those still loading."""
+        schedule = self._schedule
+        if schedule is None:
+            return
+        self._stale.update(schedule.held().items())
+        schedule.restart(-1)  # a window of no real batch: all arrived go
+        self._cache.clear()
+        self._restart_window()
+
+    def _drop(self, key: Key) -> None:
+        """Forgets the batch `key` that arrived from a stale request."""
+        schedule = self._schedule
+        assert schedule is not None
+        wanted = schedule.wanted == key
+        done, _ = schedule.take(key)
+        if done:
+            self._stale_discarded += 1
+        if wanted:
+            schedule.request(key)  # load it again, with the new state
+
+    def _position_state(self, key: Key) -> tuple[Update, ...]:
+        """`_epoch` and `_start` as the dataset will have them when `key` is
+        read, for a subclass's `load` that reads `self.epoch`."""
+        if not self._load_overridden():
+            return ()
+        epoch = self._epoch
+        if not self._repeat:
+            epoch = key[0] - (1 if key[1] < self._start else 0)
+        return (
+            (("attr", "_epoch"), pickle.dumps(epoch)),
+            (("attr", "_start"), pickle.dumps(self._start)),
+        )
 
     def _note_order(self, key: Key) -> None:
         last = self._order.last

@@ -32,6 +32,7 @@ from typing import Any
 from keras_oom import seeding, transport
 from keras_oom.protocol import Failed, Loaded, Ready, StartFailed, encode_error
 from keras_oom.source import call_loader
+from keras_oom.state import apply_state
 
 
 def run(
@@ -97,6 +98,8 @@ def _serve(conn: Connection, loader: Any) -> None:
         seeding.seed_global_generators(seeding.batch_seed(*request.seed))
         key, start = request.key, time.perf_counter()
         try:
+            if request.state:  # what changed in the parent since: state.py
+                apply_state(loader, request.state)
             value = call_loader(loader, wants_rng, request.ids, request.seed)
         except Exception as e:
             seconds = time.perf_counter() - start
