@@ -30,6 +30,10 @@ class LoaderDataset(keras.utils.PyDataset):
     `shuffle=True`, the samples themselves (not only the batch order) are
     shuffled once per epoch, in an order that is a pure function of
     `(seed, epoch)`: two datasets with the same seed yield the same batches.
+    An epoch is one pass over the data, which is one of Keras's epochs only
+    when `fit`'s `steps_per_epoch` is None: training's `g`-th batch is
+    batch `g % batches_per_epoch` of epoch `g // batches_per_epoch`, for any
+    `steps_per_epoch` (see `on_epoch_end`).
 
     Args:
         loader: A callable `loader(ids) -> x` that receives a 1-D
@@ -59,8 +63,9 @@ class LoaderDataset(keras.utils.PyDataset):
         repeat: Whether to loop over the data endlessly, as the original R
             generator did: `num_batches` is then `None`, index `i` is batch
             `i % batches_per_epoch` of epoch `epoch + i // batches_per_epoch`
-            (reshuffled per epoch), and `fit` needs
-            `steps_per_epoch=ds.batches_per_epoch`.
+            (reshuffled per epoch), and `fit` needs a `steps_per_epoch`
+            (`ds.batches_per_epoch`, or any other: Keras's epochs then cut
+            one endless stream).
         shard: For data-parallel training across processes: `(index, count)`
             makes this dataset read only part `index` of `count` disjoint
             parts of every epoch (every `count`-th sample of the epoch's

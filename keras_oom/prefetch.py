@@ -61,6 +61,13 @@ class PrefetchLoaderDataset(LoaderDataset):
     right batch, only without the head start; the dataset warns once when it
     sees it.
 
+    State that the loader reads and that changes between epochs (a
+    subclass's own attributes set in `on_epoch_end`, a loader object's
+    attributes, a loader function's closure variables) reaches the workers
+    before they load the next epoch's batches, as it would reach
+    `LoaderDataset`'s loader; batches loaded ahead with the old state are
+    loaded again (see `keras_oom.state`).
+
     Close the dataset to end its workers: use it in a `with` block, or call
     `close()`. Dropping the last reference and interpreter exit close it too.
 
@@ -217,6 +224,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             WorkerStartError: If workers could not be started.
             ValueError: If the dataset attaches labels and an array of the
                 loader's output does not have `len(ids) * rows_per_id` rows.
+            TypeError: If loader state changed since the last epoch and
+                cannot be pickled to reach the workers (naming it).
             RuntimeError: If called in a forked child of the owning process.
             Exception: Whatever the loader raised, with the worker's
                 traceback in its notes and as its cause.
