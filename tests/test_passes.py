@@ -139,6 +139,20 @@ def test_steps_not_dividing_the_pass(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_a_shard_is_a_pass_of_its_own(cls):
+    """Kind E: with shard=(1, 2) a pass is the shard's batches, read once."""
+    cfg = {"batch_size": 2, "shuffle": True, "seed": 7, "shard": (1, 2)}
+    ds = recording(cls, 20, **cfg)
+    try:
+        fit(ds, epochs=6, steps_per_epoch=2)  # 5 batches a pass: 2, 2, 1
+    finally:
+        close(ds)
+    assert ds.batches_per_epoch == 5
+    assert ds.reads == stream(20, 2, **cfg)
+    assert ds.epoch == 2
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_validation_on_the_training_dataset_mid_pass(cls):
     """Kind E: evaluate between Keras epochs reads the dataset from its first
     batch; it must neither end nor restart the training pass."""

@@ -190,3 +190,34 @@ def test_fit_reads_the_same_curriculum_batches_in_both_classes():
     got = run_fit(PrefetchRecorded, num_workers=2)
     assert len({row[1] for batch in want for row in batch}) >= 3
     assert got == want
+
+
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_a_replacement_worker_gets_the_changed_state(start_method):
+    """Kind E: a worker started after the change (replacing a dead one)
+    begins from the state the pool started with; it must get the change."""
+    import signal
+
+    import _procs
+
+    from keras_oom import WorkerDiedError
+
+    cfg = {"batch_size": 2, "shuffle": True, "seed": 3}
+    plain = sl.PlainCurriculum(sample_ids=IDS, **cfg)
+    want = epochs_of(plain, 2)
+    with sl.PrefetchCurriculum(
+        sample_ids=IDS, num_workers=2, start_method=start_method, **cfg
+    ) as ds:
+        assert epochs_of(ds, 1) == want[:1]
+        ds.on_epoch_begin()
+        got = [ds[0].tolist()]  # the level-1 state has reached both workers
+        victim = ds.worker_pids[0]
+        os.kill(victim, signal.SIGKILL)
+        assert _procs.wait_gone([victim]) == []
+        for i in range(1, len(ds)):
+            try:
+                got.append(ds[i].tolist())
+            except WorkerDiedError:  # it was loading this one
+                got.append(ds[i].tolist())
+        assert victim not in ds.worker_pids
+    assert got == want[1]
