@@ -621,6 +621,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             "_counters",
             "_seconds",
             "_final_stats",
+            "_state",
+            "_stale",
         ):
             state.pop(name, None)
         return state
