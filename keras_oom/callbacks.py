@@ -1,9 +1,11 @@
 """Following Keras's epochs: the `SyncEpoch` callback and `TrainingPasses`.
 
-`SyncEpoch` sets datasets to Keras's epoch index as each training epoch
-begins. `TrainingPasses` lets a dataset tell, from inside its
-`on_epoch_begin` / `on_epoch_end`, which of Keras's calls close a training
-epoch, so that its own epoch count can advance once per training epoch.
+A dataset's epoch is one pass over its batches, which is not always one of
+Keras's epochs (`steps_per_epoch`). `TrainingPasses` lets a dataset tell,
+from inside its `on_epoch_begin` / `on_epoch_end` and its reads, which of
+Keras's calls end a pass of training, so that its epoch advances once per
+pass. `SyncEpoch` places datasets where an uninterrupted run is, as a
+`fit` begins, so that a resumed run reads the same batches.
 
 Kept apart from the package's top level because it imports Keras, which
 worker processes must never do.
@@ -11,8 +13,10 @@ worker processes must never do.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 import warnings
 from types import FrameType
 from typing import Any
@@ -21,27 +25,49 @@ import keras
 
 
 class SyncEpoch(keras.callbacks.Callback):
-    """Sets each dataset's epoch to Keras's epoch index as every epoch begins.
+    """Puts datasets where an uninterrupted run is, as a `fit` begins.
 
-    A dataset's order and randomness are functions of `(seed, epoch)`. Its
-    own epoch count advances once per training epoch, counted from when
-    the dataset was built, so a run resumed in a new process (whose dataset
-    starts at epoch 0) would not see the same data. With this callback,
-    training epoch `e` reads epoch `e` of every dataset, whatever happened
-    before: `fit(..., initial_epoch=e)` and
-    `keras.callbacks.BackupAndRestore` resume on exactly the same order and
-    the same `rng` draws as the uninterrupted run. It also makes a
-    validation dataset's augmentation follow the epoch.
+    A dataset's order and randomness are functions of `(seed, epoch)`, and
+    its epoch counts passes over the data from when the dataset was built,
+    so a run resumed in a new process (whose dataset starts at epoch 0)
+    would not see the same data. With this callback it does:
+    `fit(..., initial_epoch=k)` and `keras.callbacks.BackupAndRestore`
+    resume on exactly the same batches, in the same order, with the same
+    `rng` draws as the uninterrupted run.
+
+    - The dataset `fit` trains on is placed once, as the fit's first epoch
+      `k` begins, where training of an uninterrupted run (from epoch 0,
+      with the same `steps_per_epoch`) is at Keras epoch `k`: epoch `k`
+      when a Keras epoch is a pass (`steps_per_epoch` None or at least
+      `batches_per_epoch`); otherwise the batch Keras epoch `k` starts at,
+      `(epoch, batch)` in the stream where training's `g`-th batch is batch
+      `g % B` of epoch `g // B` (`ds.set_epoch(epoch, batch)`). From there
+      the dataset follows Keras's passes itself.
+    - Every other dataset (a validation dataset, whose augmentation should
+      follow the epoch too) is set to epoch `k` as every Keras epoch `k`
+      begins: `evaluate` reads it from its first batch each time.
+
+    A resume is exact whenever Keras cuts the stream the same way in the
+    resumed run: always with `repeat=True`, and with
+    `steps_per_epoch=None`; with a finite dataset and a smaller
+    `steps_per_epoch`, when the Keras epoch resumed at begins a pass or
+    the batches of a Keras epoch divide `batches_per_epoch`. Otherwise
+    Keras itself cuts the resumed passes into other Keras epochs (its last
+    epoch of each pass is short): `SyncEpoch` warns, and the resumed run
+    still goes on from the same batch.
 
     Keras calls `on_epoch_begin` before it requests the epoch's first batch,
     so a `PrefetchLoaderDataset` discards at most the batches it had loaded
-    ahead for another epoch.
+    ahead for another place.
 
     Args:
         *datasets: One or more datasets with a `set_epoch(int)` method, such
             as `LoaderDataset` and `PrefetchLoaderDataset`: usually the
             training dataset, plus a validation dataset whose augmentation
-            should follow the epoch too.
+            should follow the epoch too. Which one `fit` trains on is told
+            apart by the dataset (a dataset of another class is set to
+            Keras's epoch index at every epoch, or only at the first one
+            when its `repeat` attribute is true).
 
     Raises:
         TypeError: If no dataset is given, or an argument has no callable
@@ -66,7 +92,7 @@ class SyncEpoch(keras.callbacks.Callback):
     assert train.epoch == 4
 
     # Resume after a crash: BackupAndRestore restores the weights and
-    # Keras's epoch index; SyncEpoch puts the dataset on the same epoch.
+    # Keras's epoch index; SyncEpoch puts the dataset on the same batches.
     # model.fit(train, epochs=10, shuffle=False, callbacks=[
     #     keras.callbacks.BackupAndRestore(backup_dir="/tmp/backup"),
     #     SyncEpoch(train),
@@ -90,41 +116,71 @@ class SyncEpoch(keras.callbacks.Callback):
                 )
         self.datasets = tuple(datasets)
         self._first_epoch = True  # of the current fit
+        self._training: set[int] = set()  # ids of the datasets fit trains on
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._first_epoch = True
+        self._training = {id(ds) for ds in self.datasets if trained_by_this_fit(ds)}
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        """Sets every dataset's epoch to `epoch`, Keras's epoch index.
+        """Places the training dataset (first epoch), sets the others.
 
-        An endless dataset (`repeat=True`) is set only as the first epoch
-        of a `fit` begins: Keras then keeps reading one iterator through all
-        epochs (index `i` of the fit is batch `i % batches_per_epoch` of
-        epoch `epoch + i // batches_per_epoch`), so a later reset would skip
-        ahead.
+        An endless dataset (`repeat=True`) of another class is set only as
+        the first epoch of a `fit` begins: Keras then keeps reading one
+        iterator through all epochs, so a later reset would skip ahead.
         """
         first = self._first_epoch
         self._first_epoch = False
         for ds in self.datasets:
-            if getattr(ds, "repeat", False):
-                if not first:
-                    continue
-                self._check_steps(ds)
-            ds.set_epoch(epoch)
+            if id(ds) in self._training:
+                if first:
+                    self._place(ds, epoch)
+                continue
+            # Read from its first batch by each evaluate; but an endless
+            # dataset of another class may be fit's, read by one iterator.
+            ours = isinstance(getattr(ds, "_passes", None), TrainingPasses)
+            if ours or first or not getattr(ds, "repeat", False):
+                ds.set_epoch(epoch)
 
-    def _check_steps(self, ds: Any) -> None:
+    def _place(self, ds: Any, keras_epoch: int) -> None:
+        """Sets `ds` where training of an uninterrupted run is at `keras_epoch`."""
+        per_epoch = ds.batches_per_epoch
         steps = (self.params or {}).get("steps")
-        per_epoch = getattr(ds, "batches_per_epoch", None)
-        if steps is not None and per_epoch is not None and steps != per_epoch:
-            warnings.warn(
-                f"SyncEpoch can resume an endless (repeat=True) dataset on the "
-                f"same batches only when steps_per_epoch equals its "
-                f"batches_per_epoch ({per_epoch}). Received: steps_per_epoch="
-                f"{steps}: a fit started at initial_epoch=k reads from batch 0 "
-                f"of the dataset's epoch k, not where an uninterrupted run was.",
-                UserWarning,
-                stacklevel=2,
-            )
+        per_execution = getattr(self.model, "steps_per_execution", 1) or 1
+        if not steps:
+            ds.set_epoch(keras_epoch)
+            return
+        # Keras reads whole executions: ceil(steps / spe) of spe batches.
+        per_keras_epoch = math.ceil(steps / per_execution) * per_execution
+        if ds.repeat:  # one iterator for the whole fit: a plain stream
+            epoch, batch = divmod(keras_epoch * per_keras_epoch, per_epoch)
+        elif per_keras_epoch >= per_epoch:  # a Keras epoch is a pass
+            epoch, batch = keras_epoch, 0
+        else:
+            # Keras epochs per pass: the last one reads what is left.
+            per_pass = math.ceil(per_epoch / per_keras_epoch)
+            epoch, part = divmod(keras_epoch, per_pass)
+            batch = part * per_keras_epoch
+            if part and per_epoch % per_keras_epoch:
+                warnings.warn(
+                    f"SyncEpoch cannot resume at Keras epoch {keras_epoch} on "
+                    f"exactly the batches of an uninterrupted run: with "
+                    f"steps_per_epoch={steps}, Keras cuts each pass of "
+                    f"{per_epoch} batches into Keras epochs of "
+                    f"{per_keras_epoch} (the last one shorter), and a run "
+                    f"resumed mid-pass is cut in other places. It goes on "
+                    f"from batch {batch} of epoch {epoch}, where the "
+                    f"uninterrupted run was; for an exact resume build the "
+                    f"dataset with repeat=True (Keras epochs then cut one "
+                    f"endless stream), or use a steps_per_epoch that divides "
+                    f"{per_epoch}.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if batch:
+            ds.set_epoch(epoch, batch)
+        else:
+            ds.set_epoch(epoch)
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -132,78 +188,205 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# Keras methods whose on_epoch_end calls never close a training epoch: the
-# build peek (`_symbolic_build`, TensorFlow's `_maybe_symbolic_build`),
-# evaluate (also fit's validation) and predict.
-_NOT_TRAINING = frozenset(
-    {"evaluate", "predict", "_symbolic_build", "_maybe_symbolic_build"}
-)
+# Keras methods whose calls are never training's: the build peek
+# (`_symbolic_build`, TensorFlow's `_maybe_symbolic_build`), evaluate (also
+# fit's validation) and predict.
+_BUILD = frozenset({"_symbolic_build", "_maybe_symbolic_build"})
+_OTHER_PASSES = frozenset({"evaluate", "predict"})
+_NOT_TRAINING = _BUILD | _OTHER_PASSES
 
 
 class TrainingPasses:
-    """Tells which of Keras's `on_epoch_end` calls close a training epoch.
+    """Tells which of Keras's `on_epoch_end` calls end a pass of training.
 
-    Keras calls a `PyDataset`'s `on_epoch_end` more often than there are
-    training epochs: `fit` calls it once before its first epoch (its
-    iterator's `reset()`), after a one-batch peek to build the model on JAX
-    and torch; `evaluate` calls it before and after reading; `predict` after.
-    A dataset that calls `begin()` in `on_epoch_begin` and advances its
-    epoch only when `end()` in `on_epoch_end` returns True counts exactly
-    the training epochs, on JAX, torch and TensorFlow alike.
+    A dataset's epoch is one *pass* over its batches: training's `g`-th
+    batch is batch `g % B` of epoch `g // B` (`B` batches per epoch). Keras's
+    epochs are not passes: with `steps_per_epoch` below `B`, `fit` goes on
+    reading the same iterator in its next epoch, and starts a new pass only
+    once the iterator has yielded all `B` batches (several Keras epochs per
+    pass, the last one possibly short); and Keras calls `on_epoch_end` more
+    often than it ends passes: `fit` calls it once before its first epoch
+    (its iterator's `reset()`), after a one-batch peek to build the model on
+    JAX and torch; `evaluate` before and after reading; `predict` after.
 
-    The rule: `end()` is True when
-    - the call comes from `Model.fit`, and an `on_epoch_begin` from
-      `Model.fit` (a training epoch's) came since the last True (fit's
-      `reset()` before the first epoch has none; an epoch cut short by
-      `stop_training` counts at the next `fit`'s `reset()`);
+    A dataset calls `begin()` from `on_epoch_begin`, `read(index)` for every
+    batch it hands out, and advances its epoch when `end()`, called from
+    `on_epoch_end`, returns True. `end()` is True when:
+
+    - it comes from the end of one of `fit`'s epochs and the pass is
+      complete: every index `0..B-1` was read by training since the pass
+      began (reads from `evaluate`, `predict` and the build peek do not
+      count; nor, on TensorFlow, where tf.data reads in a thread of its own,
+      reads between an `evaluate` / `predict` pass's `on_epoch_begin` and
+      `on_epoch_end`);
+    - it comes from `fit`'s `reset()`, before the first epoch of a new fit,
+      and training read part of a pass that did not end (`steps_per_epoch`,
+      `stop_training` or an error cut it): the next fit starts a new pass
+      (`new_fit` is then True and `ended_at` is the furthest index read);
     - or it comes from outside Keras's `fit`, `evaluate`, `predict` and
       build code (a hand-written loop, a custom trainer): advancing too
       often keeps the data shuffled, never advancing would freeze it.
-    It is False inside `evaluate`, `predict` and the build peek.
+
+    A dataset that never calls `read()` (a subclass overriding
+    `__getitem__` without calling the base class), or an endless one
+    (`batches_per_epoch=None`), has no complete passes: for the former
+    every end of a `fit` epoch that began counts, as before; for the
+    latter none does, as its index already names the epoch.
 
     Which Keras method is calling is read from the Python stack: the
     innermost frame of Keras's own `fit`, `evaluate`, `predict` or build
-    code. The hooks run on the trainer's thread in Keras 3 (verified on
-    3.15 for all three backends).
+    code, and whether an `EpochIterator.reset` frame lies within it. The
+    hooks run on the trainer's thread in Keras 3 (verified on 3.15 for all
+    three backends).
+
+    Args:
+        batches_per_epoch: `B`, the batches of one pass, or `None` for a
+            dataset whose passes never end within a fit (`repeat=True`).
     """
 
-    def __init__(self) -> None:
-        self._pending = False  # a training epoch began and has not counted
+    def __init__(self, batches_per_epoch: int | None = None) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self._lock = threading.Lock()
+        self._training = False  # a fit epoch began on this pass, not ended
+        self._read: set[int] = set()
+        self._furthest: int | None = None
+        self._reads_reported = False  # read() was ever called
+        self._in_other_pass = False  # between evaluate/predict begin and end
+        self.new_fit = False
+        self.ended_at: int | None = None
+        self.fit_stamp = 0  # which fit's reset() came last: see SyncEpoch
 
     def begin(self) -> None:
         """Call from the dataset's `on_epoch_begin`."""
-        if _keras_caller(sys._getframe(1)) == "fit":
-            self._pending = True
+        caller, _ = _keras_caller(sys._getframe(1))
+        with self._lock:
+            if caller == "fit":
+                self._training = True
+                self._in_other_pass = False
+            elif caller in _OTHER_PASSES:
+                self._in_other_pass = True
+
+    def read(self, index: int) -> None:
+        """Call for every batch handed out, with its index in the pass."""
+        caller, _ = _keras_caller(sys._getframe(1))
+        if caller in _NOT_TRAINING:
+            return
+        with self._lock:
+            self._reads_reported = True
+            if not self._training or (caller is None and self._in_other_pass):
+                return
+            if self.batches_per_epoch is not None:
+                self._read.add(index)
+            if self._furthest is None or index > self._furthest:
+                self._furthest = index
 
     def end(self) -> bool:
-        """Call from the dataset's `on_epoch_end`; True: advance the epoch."""
-        caller = _keras_caller(sys._getframe(1))
-        if caller in _NOT_TRAINING:
+        """Call from the dataset's `on_epoch_end`; True: a pass has ended."""
+        caller, via_reset = _keras_caller(sys._getframe(1))
+        with self._lock:
+            self.new_fit, self.ended_at = False, None
+            if caller in _OTHER_PASSES:
+                self._in_other_pass = False
+                return False
+            if caller in _BUILD:
+                return False
+            if caller != "fit":
+                return self._finish()
+            if via_reset:
+                self.fit_stamp = _FIT_STAMPS.next()
+                unfinished = self._training and (
+                    not self._reads_reported or self._furthest is not None
+                )
+                if not unfinished:
+                    return False
+                self.new_fit = True
+                return self._finish()
+            if not self._training:
+                return False
+            if not self._reads_reported or self._complete():
+                return self._finish()
             return False
-        if caller == "fit" and not self._pending:
-            return False
-        self._pending = False
-        return True
 
     def reset(self) -> None:
-        """Forgets a pending training epoch, e.g. after `set_epoch`."""
-        self._pending = False
+        """Forgets the current pass, e.g. after `set_epoch`."""
+        with self._lock:
+            self._training = False
+            self._read.clear()
+            self._furthest = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _complete(self) -> bool:
+        n = self.batches_per_epoch
+        return n is not None and len(self._read) >= n
+
+    def _finish(self) -> bool:
+        self.ended_at = self._furthest
+        self._training = False
+        self._read.clear()
+        self._furthest = None
+        return True
+
+
+class _Stamps:
+    """Numbers every `fit`'s `reset()` seen by a dataset, the latest last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.latest = 0
+
+    def next(self) -> int:
+        with self._lock:
+            self.latest += 1
+            return self.latest
+
+
+_FIT_STAMPS = _Stamps()
+
+
+def trained_by_this_fit(ds: Any) -> bool:
+    """Whether `ds` is what the running `fit` trains on.
+
+    `fit` ends a pass of its training dataset (its iterator's `reset()`)
+    just before `on_train_begin`, so that dataset holds the latest stamp.
+    False for a dataset without `TrainingPasses` (it cannot tell).
+    """
+    passes = getattr(ds, "_passes", None)
+    return (
+        isinstance(passes, TrainingPasses)
+        and passes.fit_stamp != 0
+        and passes.fit_stamp == _FIT_STAMPS.latest
+    )
 
 
 _KERAS_DIR = os.path.dirname(os.path.abspath(keras.__file__))
 _KNOWN = _NOT_TRAINING | {"fit"}
 
 
-def _keras_caller(frame: FrameType | None) -> str | None:
-    """The innermost of Keras's own fit / evaluate / predict / build frames.
+def _keras_caller(frame: FrameType | None) -> tuple[str | None, bool]:
+    """The innermost of Keras's own fit / evaluate / predict / build frames,
+    and whether an `EpochIterator.reset` frame lies between it and `frame`.
 
     Frames are told by their code's name and file, never by `f_locals`:
     reading a frame's locals makes Python keep a snapshot of them on the
     frame, which would keep the caller's batches (shared memory) alive.
     """
+    via_reset = False
     while frame is not None:
         code = frame.f_code
-        if code.co_name in _KNOWN and code.co_filename.startswith(_KERAS_DIR):
-            return code.co_name
+        if code.co_filename.startswith(_KERAS_DIR):
+            if code.co_name in _KNOWN:
+                return code.co_name, via_reset
+            if code.co_name == "reset" and code.co_filename.endswith(
+                "epoch_iterator.py"
+            ):
+                via_reset = True
         frame = frame.f_back
-    return None
+    return None, False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,10 @@ class LoaderDataset(keras.utils.PyDataset):
     `shuffle=True`, the samples themselves (not only the batch order) are
     shuffled once per epoch, in an order that is a pure function of
     `(seed, epoch)`: two datasets with the same seed yield the same batches.
+    An epoch is one pass over the data, which is one of Keras's epochs only
+    when `fit`'s `steps_per_epoch` is None: training's `g`-th batch is
+    batch `g % batches_per_epoch` of epoch `g // batches_per_epoch`, for any
+    `steps_per_epoch` (see `on_epoch_end`).
 
     Args:
         loader: A callable `loader(ids) -> x` that receives a 1-D
@@ -58,8 +63,9 @@ class LoaderDataset(keras.utils.PyDataset):
         repeat: Whether to loop over the data endlessly, as the original R
             generator did: `num_batches` is then `None`, index `i` is batch
             `i % batches_per_epoch` of epoch `epoch + i // batches_per_epoch`
-            (reshuffled per epoch), and `fit` needs
-            `steps_per_epoch=ds.batches_per_epoch`.
+            (reshuffled per epoch), and `fit` needs a `steps_per_epoch`
+            (`ds.batches_per_epoch`, or any other: Keras's epochs then cut
+            one endless stream).
         shard: For data-parallel training across processes: `(index, count)`
             makes this dataset read only part `index` of `count` disjoint
             parts of every epoch (every `count`-th sample of the epoch's
@@ -74,17 +80,27 @@ class LoaderDataset(keras.utils.PyDataset):
             of the epoch's order, so a few samples are seen twice per epoch;
             `"drop"` leaves the last `len(sample_ids) % count` samples of the
             epoch's order out (different ones each epoch when shuffled).
+        rows_per_id: How many rows the loader returns per id: every array
+            in its output must have `len(ids) * rows_per_id` rows (its
+            leading dimension). `1` (default) for one row per sample; `k`
+            for a loader that returns, e.g., `k` crops of each sample, id by
+            id: labels and sample weights are then repeated `k` times per
+            id. `None` skips the check (not with `labels`). A batch that
+            breaks it raises `ValueError` when the dataset attaches labels
+            or weights (they would be paired with the wrong rows), and
+            otherwise warns once per dataset.
         **kwargs: `workers`, `use_multiprocessing` and `max_queue_size`,
             passed unchanged to `keras.utils.PyDataset`.
 
     Raises:
         TypeError: If `loader` is not callable (or is missing without a
-            `load` override), or `batch_size` is not an integer.
+            `load` override), or `batch_size` or `rows_per_id` is not an integer.
         ValueError: If `sample_ids` is empty or not 1-D, `labels` or
             `sample_weights` differ in length from `sample_ids`,
             `sample_weights` come without `labels`, `batch_size` is below 1
             (or leaves no batch with `drop_remainder=True`), `shard` is out
-            of range, or a shuffled sharded dataset has no `seed`.
+            of range, a shuffled sharded dataset has no `seed`, or
+            `rows_per_id` is below 1 (or `None` with `labels`).
 
     Example:
 
@@ -116,6 +132,7 @@ class LoaderDataset(keras.utils.PyDataset):
         repeat: bool = False,
         shard: tuple[int, int] | str | None = None,
         shard_mode: str = "pad",
+        rows_per_id: int | None = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,11 +158,16 @@ class LoaderDataset(keras.utils.PyDataset):
             drop_remainder=drop_remainder,
             shard=shard,
             shard_mode=shard_mode,
+            rows_per_id=rows_per_id,
         )
         self._plan = self._source.plan
+        self._rows_warned = False
         self._repeat = bool(repeat)
+        # Index 0 reads batch `_start` of epoch `_epoch`: training's stream
+        # position `_epoch * batches_per_epoch + _start` (see `set_epoch`).
         self._epoch = 0
-        self._passes = TrainingPasses()
+        self._start = 0
+        self._passes = TrainingPasses(None if repeat else self._plan.batches_per_epoch)
         # Read once: the loader (or the subclass's `load`) cannot change.
         self._wants_rng = seeding.accepts_rng(self._batch_loader())
 
@@ -177,8 +199,11 @@ class LoaderDataset(keras.utils.PyDataset):
 
         Raises:
             IndexError: If `index` is out of range.
+            ValueError: If the dataset attaches labels and an array of the
+                loader's output does not have `len(ids) * rows_per_id` rows.
         """
         epoch, batch = self._locate(index)
+        self._passes.read(self._global_index(epoch, batch))
         ids = self._source.ids(epoch, batch)
         fn = self._batch_loader()
         seed = self._source.seed_of(epoch, batch)
@@ -188,6 +213,7 @@ class LoaderDataset(keras.utils.PyDataset):
             where = f"batch {self._global_index(epoch, batch)}"
             add_note(e, f"keras_oom: while loading {where}, ids {describe_ids(ids)}")
             raise
+        self._check_rows(x, epoch, batch)
         return self._source.with_targets(x, epoch, batch)
 
     def on_epoch_begin(self) -> None:
@@ -195,16 +221,30 @@ class LoaderDataset(keras.utils.PyDataset):
         self._passes.begin()
 
     def on_epoch_end(self) -> None:
-        """Advances to the next epoch's order once per training epoch.
+        """Advances to the next epoch's order once per pass of training.
 
-        Keras calls this after every pass over the data: `fit`'s epochs,
-        but also once before training (after reading a batch to build the
-        model), and around every `evaluate` and `predict`. Only the end of
-        a training epoch, or a call from your own loop, advances `epoch`
-        (see `keras_oom.callbacks.TrainingPasses`); with `repeat=True` it
-        never does, as index `i` already names its epoch.
+        An epoch is one pass over the data: every batch once. Keras calls
+        this after each of its epochs, which are passes only when
+        `steps_per_epoch` is None (or at least `batches_per_epoch`), and
+        also once before training (after reading a batch to build the
+        model), and around every `evaluate` and `predict`. The epoch
+        advances when training has read every batch of the current one
+        (so with a smaller `steps_per_epoch`, once per several Keras
+        epochs), when a call comes from your own loop, and, when a new
+        `fit` begins, past a pass that the last one left unfinished (see
+        `keras_oom.callbacks.TrainingPasses`). With `repeat=True` index `i`
+        already names its epoch: only a new `fit` moves it on, to the
+        epoch after the last one the previous `fit` read.
         """
-        if self._passes.end() and not self._repeat:
+        if not self._passes.end():
+            return
+        per_epoch = self._plan.batches_per_epoch
+        ended_at = self._passes.ended_at
+        if self._passes.new_fit and ended_at is not None:
+            # The epoch after the last one training read from.
+            self._epoch += (self._start + ended_at) // per_epoch + 1
+            self._start = 0
+        elif not self._repeat:
             self._epoch += 1
 
     # -- public helpers -----------------------------------------------------
@@ -239,21 +279,44 @@ class LoaderDataset(keras.utils.PyDataset):
         """
         return self._source.ids(*self._locate(index))
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
         """Sets the epoch whose sample order the batches follow.
+
+        With `batch`, index 0 reads batch `batch` of `epoch`, and the
+        indices after it the batches after it, into the next epoch once
+        this one is exhausted: index `i` is stream position
+        `epoch * batches_per_epoch + batch + i`, where position `g` is
+        batch `g % batches_per_epoch` of epoch `g // batches_per_epoch`.
+        `SyncEpoch` uses it to resume a run whose Keras epochs are shorter
+        than a pass (`steps_per_epoch`) in the middle of one.
 
         Args:
             epoch: Non-negative epoch number, e.g. to resume a run.
+            batch: The batch of `epoch` that index 0 reads, in
+                `range(batches_per_epoch)`.
+
+        Raises:
+            TypeError: If `epoch` or `batch` is not an integer.
+            ValueError: If `epoch` is negative or `batch` out of range.
         """
         epoch = as_index(epoch, "epoch")
         if epoch < 0:
             raise ValueError(f"`epoch` must be >= 0. Received: epoch={epoch}")
+        batch = as_index(batch, "batch")
+        per_epoch = self._plan.batches_per_epoch
+        if not 0 <= batch < per_epoch:
+            raise ValueError(
+                f"`batch` must be in range({per_epoch}), the batches of one "
+                f"epoch. Received: batch={batch}"
+            )
         self._epoch = epoch
+        self._start = batch
         self._passes.reset()
 
     @property
     def epoch(self) -> int:
-        """The current epoch (advanced by `on_epoch_end`)."""
+        """The current epoch, whose order index 0 reads (advanced by
+        `on_epoch_end` once per pass of training)."""
         return self._epoch
 
     @property
@@ -292,6 +355,11 @@ class LoaderDataset(keras.utils.PyDataset):
         return self._plan.drop_remainder
 
     @property
+    def rows_per_id(self) -> int | None:
+        """Rows the loader returns per id (`None`: not checked)."""
+        return self._source.rows_per_id
+
+    @property
     def repeat(self) -> bool:
         """Whether the dataset is endless (index `i` runs into later epochs)."""
         return self._repeat
@@ -307,18 +375,42 @@ class LoaderDataset(keras.utils.PyDataset):
                 raise IndexError(
                     f"Negative index {i} on an endless (repeat=True) dataset."
                 )
-            return self._epoch + i // per_epoch, i % per_epoch
-        if not -per_epoch <= i < per_epoch:
+        elif not -per_epoch <= i < per_epoch:
             raise IndexError(
                 f"Batch index {i} out of range for {per_epoch} batches per epoch."
             )
-        return self._epoch, i % per_epoch
+        else:
+            i %= per_epoch
+        epoch, batch = divmod(self._start + i, per_epoch)
+        return self._epoch + epoch, batch
 
     def _global_index(self, epoch: int, batch: int) -> int:
         """The index Keras used for `(epoch, batch)`, for messages."""
-        if self._repeat:
-            return (epoch - self._epoch) * self._plan.batches_per_epoch + batch
-        return batch
+        per_epoch = self._plan.batches_per_epoch
+        return (epoch - self._epoch) * per_epoch + batch - self._start
+
+    def _check_rows(self, x: Any, epoch: int, batch: int) -> None:
+        """Raises (labels attached) or warns once unless `x` has a row per id."""
+        ids = self._source.ids(epoch, batch)
+        problem = self._source.row_mismatch(x, ids, self._global_index(epoch, batch))
+        if problem is None:
+            return
+        if self._source.labels is not None:
+            targets = "labels"
+            if self._source.sample_weights is not None:
+                targets = "labels and sample weights"
+            raise ValueError(
+                f"{problem} The dataset pairs each id with its {targets}, so "
+                f"these rows would be trained on the wrong targets."
+            )
+        if not self._rows_warned:
+            self._rows_warned = True
+            warnings.warn(
+                f"{problem} Keras will see more or fewer samples than ids (this "
+                f"warning is shown once per dataset).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _batch_loader(self) -> Callable[..., Any]:
         """What loads a batch: the `loader`, or a subclass's `load`."""

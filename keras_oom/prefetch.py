@@ -11,6 +11,7 @@ import collections
 import copy
 import numbers
 import os
+import pickle
 import threading
 import time
 import warnings
@@ -36,6 +37,7 @@ from keras_oom.pool import (
 from keras_oom.protocol import Load, add_note, describe_ids, pack_ids
 from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
 from keras_oom.source import as_index
+from keras_oom.state import StateTracker, Update
 
 _KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
 _COUNTERS = ("batches", "hits", "discarded")
@@ -59,6 +61,13 @@ class PrefetchLoaderDataset(LoaderDataset):
     `steps_per_epoch=ds.batches_per_epoch`. Random access still returns the
     right batch, only without the head start; the dataset warns once when it
     sees it.
+
+    State that the loader reads and that changes between epochs (a
+    subclass's own attributes set in `on_epoch_end`, a loader object's
+    attributes, a loader function's closure variables) reaches the workers
+    before they load the next epoch's batches, as it would reach
+    `LoaderDataset`'s loader; batches loaded ahead with the old state are
+    loaded again (see `keras_oom.state`).
 
     Close the dataset to end its workers: use it in a `with` block, or call
     `close()`. Dropping the last reference and interpreter exit close it too.
@@ -90,7 +99,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         *args, **kwargs: Every other argument of `LoaderDataset`, by
             position (`loader`, `sample_ids`, `labels`) or by name
             (`sample_weights`, `batch_size`, `shuffle`, `seed`,
-            `drop_remainder`, `repeat`, `shard`, `shard_mode`).
+            `drop_remainder`, `repeat`, `shard`, `shard_mode`,
+            `rows_per_id`).
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
@@ -122,6 +132,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         worker_init: Callable[[int], Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        before = set(vars(self))  # a subclass's own attributes, set first
         for name in _KERAS_PARALLELISM:
             if name in kwargs:
                 raise ValueError(
@@ -161,6 +172,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             # Fail at construction where we can: the loader is known now.
             pickle_setup(self._worker_setup(), start_method or "subprocess")
         self._init_runtime()
+        # The dataset's own machinery: never loader state (see state.py).
+        self._internal = frozenset(vars(self)) - before | {"_internal"}
 
     def _init_runtime(self) -> None:
         """The per-process state: no pool until the dataset is first used."""
@@ -178,6 +191,13 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._final_stats: dict[str, Any] | None = None
         self._finalizer: weakref.finalize | None = None
         self._cpu_at_start = 0.0
+        # Loader state between epochs (state.py): what workers have, whether
+        # to look again at the next read, and requests sent before a change,
+        # as (worker, key), whose batches must not be served.
+        self._state: StateTracker | None = None
+        self._state_due = False
+        self._stale: set[tuple[int, Key]] = set()
+        self._stale_discarded = 0
 
     def _worker_setup(self) -> WorkerSetup:
         if type(self).load is LoaderDataset.load:
@@ -205,6 +225,10 @@ class PrefetchLoaderDataset(LoaderDataset):
             WorkerDiedError: If the worker loading the batch died.
             WorkerTimeoutError: If the batch took longer than `timeout`.
             WorkerStartError: If workers could not be started.
+            ValueError: If the dataset attaches labels and an array of the
+                loader's output does not have `len(ids) * rows_per_id` rows.
+            TypeError: If loader state changed since the last epoch and
+                cannot be pickled to reach the workers (naming it).
             RuntimeError: If called in a forked child of the owning process,
                 or standing in for a loader's exception that cannot be
                 rebuilt in this process (its message names it).
@@ -216,7 +240,9 @@ class PrefetchLoaderDataset(LoaderDataset):
         """
         with self._lock:
             self._ensure_started()
+            self._check_state()
             epoch, batch = self._locate(index)
+            self._passes.read(self._global_index(epoch, batch))
             key = (epoch, batch)
             with deferred_interrupts():  # a copy that raises is a miss
                 hit, value = self._cache.get(key)
@@ -235,19 +261,41 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._counters["batches"] += 1
         if outcome.error is not None:
             self._raise(outcome, epoch, batch)
+        self._check_rows(outcome.value, epoch, batch)
         return self._source.with_targets(outcome.value, epoch, batch)
+
+    def on_epoch_begin(self) -> None:
+        with self._lock:
+            self._state_due = True
+            super().on_epoch_begin()
 
     def on_epoch_end(self) -> None:
         with self._lock:
-            before = self._epoch
+            self._state_due = True
+            before = self._epoch, self._start
             super().on_epoch_end()
-            if self._epoch != before:
-                self._restart_window()
+            if (self._epoch, self._start) != before:
+                self._moved(before[1])
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
         with self._lock:
-            super().set_epoch(epoch)
+            self._state_due = True
+            start = self._start
+            super().set_epoch(epoch, batch)
             self._ensure_started()
+            self._moved(start)
+
+    def _moved(self, start_before: int) -> None:
+        """Index 0 names another batch now: load ahead from there.
+
+        A subclass's `load` may read `self.epoch`, which workers set per
+        batch to what it will be when the batch is read (`_position_state`):
+        right for every batch loaded ahead unless `_start` changed, or, with
+        `repeat=True`, `epoch` did.
+        """
+        if self._load_overridden() and (self._repeat or self._start != start_before):
+            self._discard_loaded()
+        else:
             self._restart_window()
 
     # -- lifecycle ------------------------------------------------------------
@@ -356,7 +404,9 @@ class PrefetchLoaderDataset(LoaderDataset):
         cpu += sum(w["cpu_seconds"] for w in workers) + pool.retired_cpu_seconds
         cores = _cores()
         out: dict[str, Any] = dict(self._counters)
-        out["discarded"] = self._schedule.discarded if self._schedule else 0
+        out["discarded"] = self._stale_discarded
+        if self._schedule is not None:
+            out["discarded"] += self._schedule.discarded
         out["wait_seconds"] = self._seconds["wait"]
         out["load_seconds"] = self._seconds["load"]
         out["elapsed_seconds"] = elapsed
@@ -383,6 +433,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         if self._pool is not None:
             self._pool.raise_if_broken()  # at once, even for a kept batch
             return self._pool
+        state = self._track_state()
         pool = WorkerPool(
             self._worker_setup(),
             self._num_workers,
@@ -394,7 +445,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         # starts one) or a pool that this dataset owns and will close.
         with deferred_interrupts():
             pool.start()  # closes the pool if it raises
-            self._pool, self._schedule = pool, schedule
+            self._pool, self._schedule, self._state = pool, schedule, state
             self._finalizer = weakref.finalize(self, pool.close)
             self._cpu_at_start = time.process_time()
             self._apply(pool.take_events())
@@ -402,10 +453,13 @@ class PrefetchLoaderDataset(LoaderDataset):
         return pool
 
     def _restart_window(self) -> None:
-        """Loads ahead from the start of the current epoch."""
+        """Loads ahead from what index 0 reads: batch `_start` of `_epoch`."""
         if self._schedule is not None:
             with deferred_interrupts():
                 self._schedule.restart(self._epoch)
+                if self._start:
+                    # The window follows the last request: make it index 0.
+                    self._schedule.request((self._epoch, self._start))
                 self._dispatch()
 
     def _fetch(self, key: Key) -> Outcome:
@@ -445,19 +499,27 @@ class PrefetchLoaderDataset(LoaderDataset):
         between two of them (none is expected: this runs with SIGINT
         deferred) leaves the rest for the next call instead of losing them.
         """
-        schedule = self._schedule
-        assert schedule is not None
+        schedule, state = self._schedule, self._state
+        assert schedule is not None and state is not None
         pending = self._pending
         pending.extend(events)
         while pending:
             event = pending.popleft()
             if isinstance(event, Joined):
                 schedule.add_worker(event.slot)
+                state.joined(event.slot)
             elif isinstance(event, Arrived):
                 key = schedule.arrived(event.slot, event.outcome)
                 assert key == event.key, (key, event.key)
+                if (event.slot, key) in self._stale:
+                    self._stale.discard((event.slot, key))
+                    self._drop(key)
             elif isinstance(event, Lost):
-                schedule.lost(event.slot, event.outcome)
+                lost = schedule.lost(event.slot, event.outcome)
+                if lost is not None and (event.slot, lost) in self._stale:
+                    self._stale.discard((event.slot, lost))
+                    if event.outcome is not None:
+                        self._drop(lost)
 
     def _dispatch(self) -> None:
         """Sends idle workers the keys the schedule assigns them.
@@ -468,15 +530,15 @@ class PrefetchLoaderDataset(LoaderDataset):
         batch: that exception becomes the batch's outcome, raised when it is
         read, and the worker, still idle, is given the next key.
         """
-        pool, schedule = self._pool, self._schedule
-        assert pool is not None and schedule is not None
+        pool, schedule, state = self._pool, self._schedule, self._state
+        assert pool is not None and schedule is not None and state is not None
         self._apply(pool.take_events())
         assignments = schedule.assign()
         while assignments:
             slot, key = assignments.pop(0)
             try:
                 ids = pack_ids(self._source.ids(*key))
-                load = Load(key, ids, [], self._source.seed_of(*key))
+                seed = self._source.seed_of(*key)
             except BaseException as e:  # SIGINT is deferred: e is the ids'
                 add_note(
                     e, "keras_oom: its sample ids could not be pickled for a worker"
@@ -484,7 +546,69 @@ class PrefetchLoaderDataset(LoaderDataset):
                 schedule.arrived(slot, Outcome(error=e))
                 assignments += schedule.assign()
                 continue
-            pool.submit(slot, load)
+            # After the ids pickled: the updates count as sent from here.
+            updates = state.updates_for(slot) + self._position_state(key)
+            pool.submit(slot, Load(key, ids, [], seed, updates))
+
+    # -- loader state between epochs (state.py) -------------------------------
+
+    def _load_overridden(self) -> bool:
+        return type(self).load is not LoaderDataset.load
+
+    def _track_state(self) -> StateTracker:
+        """Fingerprints what workers are about to get, to see it change."""
+        if self._load_overridden():
+            return StateTracker(self, self._internal, type(self).__name__)
+        loader = self._loader
+        name = getattr(loader, "__qualname__", None) or type(loader).__name__
+        return StateTracker(loader, owner=name)
+
+    def _check_state(self) -> None:
+        """At the first read after an epoch boundary: did the state change?
+
+        If so, every batch loaded or loading with the old state is dropped,
+        and each worker's next request carries what changed.
+        """
+        if not self._state_due or self._state is None:
+            return
+        changed = self._state.refresh()  # raises if a change cannot travel
+        self._state_due = False
+        if changed:
+            self._discard_loaded()
+
+    def _discard_loaded(self) -> None:
+        """Drops every batch loaded ahead, and those still loading."""
+        schedule = self._schedule
+        if schedule is None:
+            return
+        self._stale.update(schedule.held().items())
+        schedule.restart(-1)  # a window of no real batch: all arrived go
+        self._cache.clear()
+        self._restart_window()
+
+    def _drop(self, key: Key) -> None:
+        """Forgets the batch `key` that arrived from a stale request."""
+        schedule = self._schedule
+        assert schedule is not None
+        wanted = schedule.wanted == key
+        done, _ = schedule.take(key)
+        if done:
+            self._stale_discarded += 1
+        if wanted:
+            schedule.request(key)  # load it again, with the new state
+
+    def _position_state(self, key: Key) -> tuple[Update, ...]:
+        """`_epoch` and `_start` as the dataset will have them when `key` is
+        read, for a subclass's `load` that reads `self.epoch`."""
+        if not self._load_overridden():
+            return ()
+        epoch = self._epoch
+        if not self._repeat:
+            epoch = key[0] - (1 if key[1] < self._start else 0)
+        return (
+            (("attr", "_epoch"), pickle.dumps(epoch)),
+            (("attr", "_start"), pickle.dumps(self._start)),
+        )
 
     def _note_order(self, key: Key) -> None:
         last = self._order.last
@@ -541,6 +665,8 @@ class PrefetchLoaderDataset(LoaderDataset):
             "_counters",
             "_seconds",
             "_final_stats",
+            "_state",
+            "_stale",
         ):
             state.pop(name, None)
         return state

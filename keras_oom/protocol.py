@@ -4,7 +4,8 @@ One socket joins the parent to each worker. Every message is one of the
 types below, pickled by `multiprocessing.connection.Connection`; a batch's
 array data goes beside it through shared memory (`transport.py`).
 
-    parent -> worker   Load(key, ids, released, seed)  load batch `key`
+    parent -> worker   Load(key, ids, released, seed, state)
+                                                       load `ids` as batch `key`
                        None                            exit
     worker -> parent   Ready(pid)                      set up; serving
                        StartFailed(pid, error)         setup raised; exiting
@@ -64,6 +65,7 @@ class Load(NamedTuple):
     ids: bytes  # the batch's sample ids, pickled on their own (`pack_ids`)
     released: list[int]  # shared-memory buffers the parent has let go of
     seed: tuple[int, int, int]  # (seed, epoch, position): see seeding.py
+    state: tuple = ()  # changed loader state to set first: see state.py
 
 
 class Ready(NamedTuple):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import operator
 import reprlib
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from keras_oom import seeding
 from keras_oom.indexing import BatchPlan, shard_size
+from keras_oom.protocol import describe_ids
 from keras_oom.sharding import resolve_shard
 
 Targets = Any  # an array-like, or a dict / tuple of array-likes
@@ -47,6 +48,7 @@ class BatchSource:
         drop_remainder: bool = False,
         shard: Any = None,
         shard_mode: str = "pad",
+        rows_per_id: Any = 1,
     ) -> None:
         self.sample_ids = _as_sample_ids(sample_ids)
         n = len(self.sample_ids)
@@ -57,6 +59,7 @@ class BatchSource:
                 "(x, y, sample_weight). Received: labels=None"
             )
         self.sample_weights = _as_targets(sample_weights, n, "sample_weights")
+        self.rows_per_id = _as_rows_per_id(rows_per_id, self.labels is not None)
         shard_index, shard_count = resolve_shard(shard, shard_mode)
         if shard_count > 1 and shuffle and seed is None:
             raise ValueError(
@@ -97,14 +100,53 @@ class BatchSource:
         return self.seed, epoch, seeding.batch_position(batch, self.plan.shard)
 
     def with_targets(self, x: Any, epoch: int, batch: int) -> Any:
-        """`x`, or `(x, y)` with labels, or `(x, y, w)` with sample weights."""
+        """`x`, or `(x, y)` with labels, or `(x, y, w)` with sample weights.
+
+        With `rows_per_id > 1` each id's labels and weights are repeated for
+        each of its rows (`np.repeat`), as the loader returns them id by id.
+        """
         if self.labels is None:
             return x
         pos = self.plan.positions(epoch, batch)
+        if self.rows_per_id is not None and self.rows_per_id > 1:
+            pos = np.repeat(pos, self.rows_per_id)
         y = _take(self.labels, pos)
         if self.sample_weights is None:
             return x, y
         return x, y, _take(self.sample_weights, pos)
+
+    def row_mismatch(self, x: Any, ids: np.ndarray, index: int) -> str | None:
+        """Describes the first array in `x` without one row per id, or None.
+
+        Every leaf of `x` (through dicts, lists and tuples) that has a
+        `shape` must have `len(ids) * rows_per_id` rows; a 0-d array has
+        none. `rows_per_id=None` skips the check.
+
+        Args:
+            x: What the loader returned for the batch.
+            ids: The batch's sample ids.
+            index: The batch index the caller asked for, for the message.
+
+        Returns:
+            A message naming the batch, its ids, the leaf and its shape, or
+            None when every leaf is right.
+        """
+        if self.rows_per_id is None:
+            return None
+        expected = len(ids) * self.rows_per_id
+        for path, shape in _array_leaves(x, "x"):
+            if shape and (shape[0] is None or shape[0] == expected):
+                continue
+            got = "a 0-d array" if not shape else f"{shape[0]} rows"
+            per_id = "" if self.rows_per_id == 1 else f" x {self.rows_per_id}"
+            return (
+                f"The loader returned {got} in {path} (shape {shape}) for "
+                f"batch {index}, ids {describe_ids(ids)}: {len(ids)} ids"
+                f"{per_id}, so every array must have {expected} rows. A loader "
+                f"that returns several rows per id on purpose says so with "
+                f"`rows_per_id=k` (or `rows_per_id=None` to skip this check)."
+            )
+        return None
 
     def for_workers(self) -> BatchSource:
         """A copy without the ids, labels and weights, which workers never read.
@@ -127,6 +169,23 @@ def call_loader(
     if wants_rng:
         return loader(ids, rng=seeding.batch_rng(*seed))
     return loader(ids)
+
+
+def _array_leaves(x: Any, path: str) -> Iterator[tuple[str, tuple]]:
+    """`(path, shape)` of every leaf of `x` that has a shape, depth first."""
+    if isinstance(x, Mapping):
+        for k, v in x.items():
+            yield from _array_leaves(v, f"{path}[{k!r}]")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _array_leaves(v, f"{path}[{i}]")
+    else:
+        shape = getattr(x, "shape", None)
+        if shape is not None:
+            try:
+                yield path, tuple(shape)
+            except TypeError:  # a `shape` that is not a sequence
+                return
 
 
 def _take(targets: Any, pos: np.ndarray) -> Any:
@@ -224,6 +283,32 @@ def _check_batch_size(batch_size: Any, n: int, drop_remainder: bool) -> None:
             f"of samples ({n}, per shard when sharded) leaves no batch. "
             f"Received: batch_size={batch_size}"
         )
+
+
+def _as_rows_per_id(rows_per_id: Any, has_targets: bool) -> int | None:
+    if rows_per_id is None:
+        if has_targets:
+            raise ValueError(
+                "`rows_per_id=None` leaves the loader's rows unchecked, so the "
+                "labels (and sample weights) that the dataset attaches one per "
+                "id could be paired with the wrong rows. Give `rows_per_id=k`, "
+                "or return (x, y) from the loader. Received: rows_per_id=None "
+                "with labels"
+            )
+        return None
+    if isinstance(rows_per_id, (bool, np.bool_)) or not isinstance(
+        rows_per_id, (int, np.integer)
+    ):
+        raise TypeError(
+            f"`rows_per_id` must be a positive integer or None. Received: "
+            f"rows_per_id={rows_per_id!r} of type {type(rows_per_id).__name__}"
+        )
+    if rows_per_id < 1:
+        raise ValueError(
+            f"`rows_per_id` must be a positive integer or None. "
+            f"Received: rows_per_id={rows_per_id}"
+        )
+    return int(rows_per_id)
 
 
 def _as_seed(seed: Any) -> int:

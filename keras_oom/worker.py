@@ -47,6 +47,7 @@ from keras_oom.protocol import (
     unpack_ids,
 )
 from keras_oom.source import call_loader
+from keras_oom.state import apply_state
 
 
 def run(
@@ -132,6 +133,8 @@ def _serve(conn: Connection, loader: Any) -> None:
         key, start = request.key, time.perf_counter()
         try:
             ids = unpack_ids(request.ids)
+            if request.state:  # what changed in the parent since: state.py
+                apply_state(loader, request.state)
             value = call_loader(loader, wants_rng, ids, request.seed)
         except BaseException as e:
             seconds = time.perf_counter() - start

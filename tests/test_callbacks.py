@@ -265,19 +265,30 @@ def test_endless_dataset_resumes_on_the_same_batches():
     assert resumed.stream[: 2 * steps] == expected[steps:]
 
 
-def test_endless_dataset_with_other_steps_per_epoch_warns():
-    train = recording_dataset(Recorder(), [], repeat=True)
+def test_endless_dataset_with_other_steps_per_epoch_resumes_without_warning():
+    # SyncEpoch used to warn here: it set an endless dataset to epoch k, not
+    # to the batch Keras epoch k starts at. It now places it in the stream
+    # (tests/test_passes.py checks the batches), so there is nothing to say.
+    rec = Recorder()
+    train = recording_dataset(rec, [], repeat=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model().fit(
             train,
-            epochs=1,
+            epochs=2,
+            initial_epoch=1,
             steps_per_epoch=train.batches_per_epoch - 1,
             shuffle=False,
             verbose=0,
-            callbacks=[SyncEpoch(train)],
+            callbacks=[SyncEpoch(train), rec],
         )
-    assert any("steps_per_epoch equals" in str(w.message) for w in caught)
+    assert not [w for w in caught if "SyncEpoch" in str(w.message)]
+    # Keras epoch 1 begins after steps_per_epoch = B - 1 batches of epoch 0.
+    ref = recording_dataset(Recorder(), [], repeat=True)
+    last = train.batches_per_epoch - 1
+    assert train.stream[:2] == [
+        tuple(ref.batch_ids(i).tolist()) for i in (last, last + 1)
+    ]
 
 
 def test_docstring_example_runs():
