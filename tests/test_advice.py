@@ -1,0 +1,113 @@
+"""Errors and warnings that say what to do (issue 18, items 3 to 5).
+
+- A script without `if __name__ == "__main__":` run with
+  `start_method="spawn"` or `"forkserver"`: every worker re-ran the script
+  and the run ended in "failed to start 3 times in a row ... see its output
+  above"; keras-oom's own message now names the guard.
+- A loader defined in the user's script, pickled by value for a fresh
+  interpreter, showed `<dynamic-code>` as its file in worker tracebacks.
+- A run resumed through `BackupAndRestore` without `SyncEpoch` read
+  different data with nothing said.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import _procs
+import pytest
+
+UNGUARDED = """
+import sys
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+def load(ids):
+    return ids * 2
+
+print("SCRIPT RUNS", flush=True)
+ds = PrefetchLoaderDataset(load, np.arange(8), batch_size=2, num_workers=2,
+                           start_method=sys.argv[1])
+try:
+    ds[0]
+finally:
+    ds.close()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_unguarded_script_under_spawn_names_the_main_guard(tmp_path, start_method):
+    """Kind start-error: a worker that re-imports an unguarded main module
+    ends the run at once, with keras-oom's own message naming the missing
+    `if __name__ == "__main__":` and the default start method."""
+    path = _procs.write_script(tmp_path, UNGUARDED)
+    result = subprocess.run(
+        [sys.executable, str(path), start_method],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=_procs.script_env(),
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("keras_oom.errors.WorkerStartError"), output
+    assert 'if __name__ == "__main__":' in last, output
+    assert "start_method=None" in last, output
+    assert str(path) in last, output
+    # Broken at the first such death: no retries that re-run the script
+    # again (it ran 7 times): the script itself, then one run per worker.
+    assert result.stdout.count("SCRIPT RUNS") <= 3, output
+    assert "failed to start 3 times" not in output, output
+
+
+UNGUARDED_OWN_PROCESS = """
+import multiprocessing
+import sys
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+def load(ids):
+    return ids * 2
+
+# The script's own process, started before the dataset: in a re-run inside
+# a worker, multiprocessing refuses it ("bootstrapping phase"), so the
+# worker dies before keras_oom's code runs there.
+helper = multiprocessing.get_context(sys.argv[1]).Process(target=print)
+helper.start()
+helper.join()
+ds = PrefetchLoaderDataset(load, np.arange(8), batch_size=2, num_workers=1,
+                           start_method=sys.argv[1])
+try:
+    ds[0]
+finally:
+    ds.close()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_worker_dying_in_the_reimport_before_keras_oom_still_names_the_guard(
+    tmp_path,
+):
+    """Kind start-error: the re-run fails before it reaches keras_oom (the
+    script's own process start, refused while bootstrapping); the start
+    error still names the guard and the default start method."""
+    path = _procs.write_script(tmp_path, UNGUARDED_OWN_PROCESS)
+    result = subprocess.run(
+        [sys.executable, str(path), "spawn"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=_procs.script_env(),
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "bootstrapping phase" in result.stderr, output  # Python's own text
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("keras_oom.errors.WorkerStartError"), output
+    assert 'if __name__ == "__main__":' in last, output
+    assert "start_method=None" in last, output
