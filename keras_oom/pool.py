@@ -167,10 +167,8 @@ def pickle_setup(setup: WorkerSetup, method: str) -> bytes:
     Raises:
         TypeError: If it does not pickle, saying what to do instead.
     """
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(setup)
+        return _dumps_naming_files(setup)
     except Exception as e:
         raise TypeError(
             f"The loader {setup.loader!r} (or worker_init) cannot be pickled "
@@ -180,6 +178,43 @@ def pickle_setup(setup: WorkerSetup, method: str) -> bytes:
             f"`worker_init` or lazily on the loader's first call (see "
             f"docs/pool.md, 'Per-worker setup')."
         ) from e
+
+
+def _dumps_naming_files(obj: Any) -> bytes:
+    """`cloudpickle.dumps`, keeping the file name of code pickled by value.
+
+    cloudpickle names the file of every function it pickles by value (one
+    defined in the user's script) `<dynamic-code>`, so the worker's
+    traceback could not say where the loader failed. Workers run on this
+    machine, where the file is: with its real name, their tracebacks show
+    the file and the failing line, as they do for a forked worker.
+    """
+    import io
+    import types
+    from collections import ChainMap
+
+    import cloudpickle
+
+    base = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
+    if base is None:  # a cloudpickle that reduces code otherwise
+        return cloudpickle.dumps(obj)
+
+    def reduce_code(code: types.CodeType) -> Any:
+        rebuild, args = base(code)
+        args = tuple(
+            code.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a
+            for a in args
+        )
+        return rebuild, args
+
+    class Pickler(cloudpickle.Pickler):
+        dispatch_table = ChainMap(
+            {types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table
+        )
+
+    with io.BytesIO() as f:
+        Pickler(f).dump(obj)
+        return f.getvalue()
 
 
 def default_start_method() -> str:

@@ -111,3 +111,48 @@ def test_worker_dying_in_the_reimport_before_keras_oom_still_names_the_guard(
     assert last.startswith("keras_oom.errors.WorkerStartError"), output
     assert 'if __name__ == "__main__":' in last, output
     assert "start_method=None" in last, output
+
+
+FAILING_LOADER_SCRIPT = """
+import sys
+import numpy as np
+from keras_oom import PrefetchLoaderDataset
+
+def load(ids):
+    scaled = ids * 2
+    raise ValueError(f"cannot read {scaled[0]}")  # THE FAILING LINE
+
+if __name__ == "__main__":
+    with PrefetchLoaderDataset(load, np.arange(8), batch_size=2, num_workers=1,
+                               start_method=sys.argv[1]) as ds:
+        try:
+            ds[0]
+        except ValueError as e:
+            print("NOTES", *e.__notes__, sep="\\n")
+            print("CAUSE", e.__cause__)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["subprocess", "spawn"])
+def test_loader_frames_from_the_users_script_name_its_file(tmp_path, start_method):
+    """Kind traceback: a loader defined in the user's script travels by value
+    (cloudpickle), which named its file `<dynamic-code>` in the worker's
+    traceback; the frame names the script and shows the failing line."""
+    path = _procs.write_script(tmp_path, FAILING_LOADER_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(path), start_method],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=_procs.script_env(),
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    frame = f'File "{path}", line 8, in load'
+    notes, cause = result.stdout.split("CAUSE", 1)
+    assert frame in notes, output  # the loader's frames, in the note
+    assert frame in cause, output  # and the full traceback, as the cause
+    assert "# THE FAILING LINE" in notes, output  # the source line, too
+    assert "<dynamic-code>" not in output, output
