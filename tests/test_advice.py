@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import _procs
 import pytest
@@ -156,3 +157,102 @@ def test_loader_frames_from_the_users_script_name_its_file(tmp_path, start_metho
     assert frame in cause, output  # and the full traceback, as the cause
     assert "# THE FAILING LINE" in notes, output  # the source line, too
     assert "<dynamic-code>" not in output, output
+
+
+# -- a resumed run that would read different data (item 5) ---------------------
+
+
+def _keras_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _dataset(cls=None, **kwargs):
+    import numpy as np
+
+    from keras_oom import LoaderDataset
+
+    ids = np.arange(16)
+    cls = cls or LoaderDataset
+    return cls(
+        _procs.features_loader,
+        ids,
+        ids * 1.0,
+        batch_size=8,
+        shuffle=True,
+        seed=3,
+        **kwargs,
+    )
+
+
+def _fit(ds, callbacks=(), **kwargs):
+    model = _keras_model()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.fit(ds, shuffle=False, verbose=0, callbacks=list(callbacks), **kwargs)
+    return [w for w in record if "SyncEpoch" in str(w.message)]
+
+
+@pytest.mark.timeout(60)
+def test_backup_and_restore_without_sync_epoch_warns_once(tmp_path):
+    """Kind resume-warning: BackupAndRestore in the callbacks and no
+    SyncEpoch for the dataset: a resumed run would read other data."""
+    import keras
+
+    ds = _dataset()
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    found = _fit(ds, [backup], epochs=2)
+    found += _fit(ds, [backup], epochs=4)  # the same dataset: no second one
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert "BackupAndRestore" in message and "SyncEpoch(" in message
+    assert found[0].category is UserWarning
+
+
+@pytest.mark.timeout(60)
+def test_backup_and_restore_with_sync_epoch_does_not_warn(tmp_path):
+    """Kind resume-warning: SyncEpoch for the dataset: nothing to say."""
+    import keras
+
+    from keras_oom import SyncEpoch
+
+    ds = _dataset()
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    assert _fit(ds, [backup, SyncEpoch(ds)], epochs=2) == []
+
+
+@pytest.mark.timeout(60)
+def test_initial_epoch_ahead_of_the_dataset_warns(tmp_path):
+    """Kind resume-warning: fit(initial_epoch=3) on a dataset at epoch 0
+    (a new process resuming by hand) reads epoch 0's order as epoch 3."""
+    ds = _dataset()
+    found = _fit(ds, epochs=4, initial_epoch=3)
+    assert len(found) == 1
+    message = str(found[0].message)
+    assert "epoch 3" in message and "epoch 0" in message
+    assert "SyncEpoch(" in message
+
+
+@pytest.mark.timeout(60)
+def test_fit_called_again_epoch_by_epoch_does_not_warn():
+    """Kind resume-warning: fit(epochs=1) in a loop starts each at Keras's
+    epoch 0 while the dataset moves on: not a resume, no warning."""
+    ds = _dataset()
+    found = []
+    for _ in range(3):
+        found += _fit(ds, epochs=1)
+    assert found == []
+    assert ds.epoch == 3
+
+
+@pytest.mark.timeout(60)
+def test_prefetch_dataset_resumed_without_sync_epoch_warns(tmp_path):
+    """Kind resume-warning: the same for PrefetchLoaderDataset."""
+    from keras_oom import PrefetchLoaderDataset
+
+    with _dataset(PrefetchLoaderDataset, num_workers=1) as ds:
+        found = _fit(ds, epochs=3, initial_epoch=2)
+    assert len(found) == 1
