@@ -41,9 +41,12 @@ The verdicts, in the order they are checked:
     model-bound        wait < WAIT_BOUND, workers busy < WORKERS_BUSY:
                        fewer workers would do.
     balanced           wait < WAIT_BOUND, workers busy: keep them.
-    loader-too-cheap   wait >= WAIT_BOUND, workers busy < WORKERS_BUSY:
-                       moving batches costs more than loading them; use
-                       `LoaderDataset`.
+    transfer-bound     wait >= WAIT_BOUND, workers busy < WORKERS_BUSY, the
+                       caller waiting less per batch than a load takes: the
+                       wait is moving batches; make them cheaper to move.
+    loader-too-cheap   the same, the caller waiting at least as long per
+                       batch as a load takes: moving batches costs more
+                       than loading them; use `LoaderDataset`.
     more-workers       wait >= WAIT_BOUND, workers busy, and waiting on
                        I/O >= LOADER_WAITS of it: more workers overlap the
                        waits, whatever the machine's load.
@@ -85,6 +88,7 @@ VERDICTS = (
     "model-bound",
     "balanced",
     "loader-too-cheap",
+    "transfer-bound",
     "machine-saturated",
     "more-workers",
 )
@@ -344,6 +348,17 @@ def diagnose(s: Signals) -> Diagnosis:
             f"Not input-bound: the caller waited for data {wait:.0%} of the "
             f"time and {workers} busy {busy:.0%}, keeping up: keep "
             f"num_workers={n}.",
+        )
+    if busy < WORKERS_BUSY and s.wait_per_batch < s.load_per_batch:
+        return Diagnosis(
+            "transfer-bound",
+            f"Input-bound on moving batches: {workers} busy only {busy:.0%}, "
+            f"yet the caller waited {wait:.0%} of the time "
+            f"({s.wait_per_batch * 1e3:.2f} ms per batch, against "
+            f"{s.load_per_batch * 1e3:.2f} ms to load one): the wait is the "
+            f"transfer, not the loader. Make batches cheaper to move (a smaller "
+            f"dtype; batch_array or stack_samples, which cross without a copy); "
+            f"more workers will not help.",
         )
     if busy < WORKERS_BUSY:
         return Diagnosis(

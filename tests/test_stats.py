@@ -74,6 +74,22 @@ def test_issue_case_memory_copy_loader_is_too_cheap_not_short_of_workers():
         assert "more workers" not in text
 
 
+def test_idle_workers_and_a_wait_shorter_than_a_load_is_transfer_bound():
+    """Kind stats-advice: workers idle and the caller waiting, but less per
+    batch than a load takes: LoaderDataset would be slower; the wait is the
+    transfer."""
+    verdict, text = diagnose(
+        signals(
+            wait_share=0.14,
+            worker_busy_share=0.07,
+            wait_per_batch=0.0021,
+            load_per_batch=0.0050,
+        )
+    )
+    assert verdict == "transfer-bound"
+    assert "LoaderDataset" not in text and "batch_array" in text
+
+
 def test_issue_case_discarded_batches_blame_the_order_not_the_workers():
     """Kind stats-advice: after 580 discarded batches (fit's shuffle=True)
     the diagnosis blamed too few workers; it names fit(shuffle=False) and
