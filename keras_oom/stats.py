@@ -356,9 +356,10 @@ def diagnose(s: Signals) -> Diagnosis:
             f"yet the caller waited {wait:.0%} of the time "
             f"({s.wait_per_batch * 1e3:.2f} ms per batch, against "
             f"{s.load_per_batch * 1e3:.2f} ms to load one): the wait is the "
-            f"transfer, not the loader. Make batches cheaper to move (a smaller "
-            f"dtype; batch_array or stack_samples, which cross without a copy); "
-            f"more workers will not help.",
+            f"transfer, not the loader. Make batches cheaper to move (fewer "
+            f"bytes: a smaller dtype, smaller samples; arrays from batch_array "
+            f"or stack_samples, which cross without a copy); more workers will "
+            f"not help.",
         )
     if busy < WORKERS_BUSY:
         return Diagnosis(
