@@ -307,10 +307,10 @@ class PrefetchLoaderDataset(LoaderDataset):
             `busy_seconds`, `cpu_seconds`, `utilization`), `verdict` (one
             of `"no-data"`, `"out-of-order"`, `"model-bound"`,
             `"balanced"`, `"loader-too-cheap"`, `"transfer-bound"`,
-            `"machine-saturated"`, `"more-workers"`) and `diagnosis`, one sentence with the
-            numbers behind the verdict and the next step (see
-            docs/performance.md, "Reading stats()"). After `close()`, the
-            final numbers.
+            `"machine-saturated"`, `"more-workers"`) and `diagnosis`, one
+            sentence with the numbers behind the verdict and the next step
+            (see docs/performance.md, "Reading stats()"). After `close()`,
+            the final numbers.
 
         Example:
 
