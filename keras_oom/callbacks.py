@@ -255,9 +255,15 @@ class TrainingPasses:
         self.new_fit = False
         self.ended_at: int | None = None
         self.fit_stamp = 0  # which fit's reset() came last: see SyncEpoch
+        self._checked_fit: int | None = None  # id() of the last fit frame seen
+        self._warned = False  # warn_if_resume_differs: once per dataset
 
-    def begin(self) -> None:
-        """Call from the dataset's `on_epoch_begin`."""
+    def begin(self, dataset: Any = None) -> None:
+        """Call from the dataset's `on_epoch_begin`, with the dataset.
+
+        At the first training epoch of each `fit`, checks once whether a
+        resumed run would read other data (`warn_if_resume_differs`).
+        """
         caller, _ = _keras_caller(sys._getframe(1))
         with self._lock:
             if caller == "fit":
@@ -265,6 +271,12 @@ class TrainingPasses:
                 self._in_other_pass = False
             elif caller in _OTHER_PASSES:
                 self._in_other_pass = True
+        if caller != "fit" or self._warned or dataset is None:
+            return
+        frame = _keras_frame(sys._getframe(1))
+        if frame is not None and id(frame) != self._checked_fit:
+            self._checked_fit = id(frame)
+            self._warned = warn_if_resume_differs(dataset, frame)
 
     def read(self, index: int) -> None:
         """Call for every batch handed out, with its index in the pass."""
@@ -374,7 +386,7 @@ def _keras_caller(frame: FrameType | None) -> tuple[str | None, bool]:
     """The innermost of Keras's own fit / evaluate / predict / build frames,
     and whether an `EpochIterator.reset` frame lies between it and `frame`.
 
-    Frames are told by their code's name and file, never by `f_locals`:
+    Frames are told by their code's name and file, not by `f_locals`:
     reading a frame's locals makes Python keep a snapshot of them on the
     frame, which would keep the caller's batches (shared memory) alive.
     """
@@ -390,3 +402,74 @@ def _keras_caller(frame: FrameType | None) -> tuple[str | None, bool]:
                 via_reset = True
         frame = frame.f_back
     return None, False
+
+
+def _keras_frame(frame: FrameType | None) -> FrameType | None:
+    """The innermost of Keras's own fit / evaluate / predict / build frames.
+
+    Frames are told by their code's name and file, not by `f_locals`:
+    reading a frame's locals makes Python keep a snapshot of them on the
+    frame, which would keep the caller's batches (shared memory) alive.
+    """
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in _KNOWN and code.co_filename.startswith(_KERAS_DIR):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def warn_if_resume_differs(dataset: Any, fit_frame: FrameType) -> bool:
+    """Warns when this `fit` resumes a run on other data than it had.
+
+    A dataset's order and randomness follow its own epoch count, which a
+    new process starts at 0. Without `SyncEpoch`, a run resumed by
+    `BackupAndRestore`, or started at Keras epoch `k` while the dataset is
+    at another epoch, reads other batches than the uninterrupted run did.
+
+    Called once per `fit`, as its first training epoch begins. It reads
+    `fit`'s local variables (`callbacks`, `epoch`): the one read of
+    `f_locals`, at a point where they hold no batch, so the snapshot it
+    leaves keeps nothing alive that `fit` does not.
+
+    Args:
+        dataset: The dataset whose `on_epoch_begin` Keras is calling.
+        fit_frame: Keras's `fit` frame.
+
+    Returns:
+        Whether it warned.
+    """
+    names = fit_frame.f_locals
+    listed = getattr(names.get("callbacks"), "callbacks", names.get("callbacks"))
+    callbacks = list(listed or ())
+    epoch = names.get("epoch")
+    if any(
+        isinstance(cb, SyncEpoch) and any(d is dataset for d in cb.datasets)
+        for cb in callbacks
+    ):
+        return False
+    restore = any(isinstance(cb, keras.callbacks.BackupAndRestore) for cb in callbacks)
+    own = getattr(dataset, "epoch", None)
+    if restore:
+        why = (
+            "`BackupAndRestore` is among the callbacks, but no `SyncEpoch` "
+            "sets this dataset's epoch: a run it resumes would start the "
+            "dataset at epoch 0 and read other batches than the interrupted "
+            "run would have."
+        )
+    elif isinstance(epoch, int) and epoch > 0 and own is not None and own != epoch:
+        why = (
+            f"This fit starts at Keras's epoch {epoch}, but the dataset is at "
+            f"epoch {own}: it reads epoch {own}'s order and random draws as "
+            f"epoch {epoch}, not what a run that was not resumed would read."
+        )
+    else:
+        return False
+    warnings.warn(
+        f"{why} Add SyncEpoch(ds), ds being this {type(dataset).__name__}, "
+        f"to fit's callbacks (`from keras_oom import SyncEpoch`): it sets "
+        f"the dataset to Keras's epoch as each epoch begins.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True

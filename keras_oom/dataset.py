@@ -218,7 +218,7 @@ class LoaderDataset(keras.utils.PyDataset):
 
     def on_epoch_begin(self) -> None:
         """Notes that Keras begins a pass over the data."""
-        self._passes.begin()
+        self._passes.begin(self)
 
     def on_epoch_end(self) -> None:
         """Advances to the next epoch's order once per pass of training.

@@ -203,10 +203,8 @@ def pickle_setup(setup: WorkerSetup, method: str) -> bytes:
     Raises:
         TypeError: If it does not pickle, saying what to do instead.
     """
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(setup)
+        return _dumps_naming_files(setup)
     except Exception as e:
         raise TypeError(
             f"The loader {setup.loader!r} (or worker_init) cannot be pickled "
@@ -216,6 +214,43 @@ def pickle_setup(setup: WorkerSetup, method: str) -> bytes:
             f"`worker_init` or lazily on the loader's first call (see "
             f"docs/pool.md, 'Per-worker setup')."
         ) from e
+
+
+def _dumps_naming_files(obj: Any) -> bytes:
+    """`cloudpickle.dumps`, keeping the file name of code pickled by value.
+
+    cloudpickle names the file of every function it pickles by value (one
+    defined in the user's script) `<dynamic-code>`, so the worker's
+    traceback could not say where the loader failed. Workers run on this
+    machine, where the file is: with its real name, their tracebacks show
+    the file and the failing line, as they do for a forked worker.
+    """
+    import io
+    import types
+    from collections import ChainMap
+
+    import cloudpickle
+
+    base = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
+    if base is None:  # a cloudpickle that reduces code otherwise
+        return cloudpickle.dumps(obj)
+
+    def reduce_code(code: types.CodeType) -> Any:
+        rebuild, args = base(code)
+        args = tuple(
+            code.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a
+            for a in args
+        )
+        return rebuild, args
+
+    class Pickler(cloudpickle.Pickler):
+        dispatch_table = ChainMap(
+            {types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table
+        )
+
+    with io.BytesIO() as f:
+        Pickler(f).dump(obj)
+        return f.getvalue()
 
 
 def default_start_method() -> str:
@@ -539,6 +574,7 @@ class WorkerPool:
 
     def start(self) -> None:
         """Starts a worker in every slot (`Joined` for each, in `take_events`)."""
+        _exit_if_reimporting_main()
         try:
             for slot in range(len(self._slots)):
                 self._fill(slot, self._events)
@@ -877,12 +913,15 @@ class WorkerPool:
         w.process.join(_LOSE_GRACE)
         exitcode = w.process.exitcode
         _release(w)
-        if not w.ready and not timed_out:
+        if not w.ready and not timed_out and exitcode == MAIN_REIMPORT_EXIT:
+            self._break(WorkerStartError(_main_reimport_message(w, self._start_method)))
+        elif not w.ready and not timed_out:
             self._start_failed(
                 w.slot,
                 RuntimeError(
                     f"worker {w.slot} (pid {w.pid}) {_describe_exit(exitcode)} "
                     f"before it was ready; see its output above"
+                    f"{_reimport_hint(self._start_method)}"
                 ),
             )
         self.retired_cpu_seconds += w.cpu_seconds
@@ -1068,6 +1107,61 @@ def _safe_str(e: BaseException) -> str:
         return str(e)
     except Exception:
         return f"<{type(e).__name__}>"
+
+
+# The exit code of a worker that multiprocessing was starting by re-running
+# the main module, and that found the main module starting workers itself.
+MAIN_REIMPORT_EXIT = 87
+
+
+def _exit_if_reimporting_main() -> None:
+    """Ends this process if it is a worker re-running an unguarded script.
+
+    `"spawn"` and `"forkserver"` start a worker by importing the main
+    module again (as `__mp_main__`), with `_inheriting` set on the current
+    process. A script that starts workers at its top level, outside
+    `if __name__ == "__main__":`, gets here in every worker, where
+    multiprocessing would refuse to start processes and the script would
+    run on. Exit at once with a code the parent recognises instead.
+    """
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    # runpy runs the script as __mp_main__; __main__ is still multiprocessing's.
+    module = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    main = getattr(module, "__file__", None) or "the main module"
+    sys.stderr.write(
+        f"keras_oom: this worker process is re-running {main} (its start "
+        f"method imports the main module again), which starts workers at its "
+        f"top level: put the script's work under "
+        f'`if __name__ == "__main__":`. Exiting.\n'
+    )
+    sys.stderr.flush()
+    os._exit(MAIN_REIMPORT_EXIT)
+
+
+def _main_reimport_message(w: _Worker, method: str | None) -> str:
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or "__main__"
+    return (
+        f"keras_oom worker {w.slot} (pid {w.pid}) exited before it was ready: "
+        f"start_method={method!r} starts each worker by importing the main "
+        f"module ({main}) again, and it starts this dataset's workers at its "
+        f'top level, without an `if __name__ == "__main__":` guard, so every '
+        f"worker would run the script again. Put the script's work under "
+        f'`if __name__ == "__main__":`, or use start_method=None (the '
+        f"default), which starts workers without importing the main module."
+    )
+
+
+def _reimport_hint(method: str | None) -> str:
+    """Why a `"spawn"` / `"forkserver"` worker may die before it is ready."""
+    if method not in ("spawn", "forkserver"):
+        return ""
+    return (
+        f". start_method={method!r} imports the main module again in each "
+        f"worker: if its output shows your script running again, guard the "
+        f'script\'s work with `if __name__ == "__main__":`, or use '
+        f"start_method=None (the default), which does not import it"
+    )
 
 
 def _describe_exit(exitcode: int | None) -> str:

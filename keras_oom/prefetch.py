@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from keras_oom import stats as stats_module
 from keras_oom.dataset import LoaderDataset
 from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
 from keras_oom.pool import (
@@ -40,7 +41,6 @@ from keras_oom.source import as_index
 from keras_oom.state import StateTracker, Update
 
 _KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
-_COUNTERS = ("batches", "hits", "discarded")
 
 
 class PrefetchLoaderDataset(LoaderDataset):
@@ -186,11 +186,10 @@ class PrefetchLoaderDataset(LoaderDataset):
         self._closed = False
         self._cache = ReReadCache()
         self._order = OrderWatch()
-        self._counters = dict.fromkeys(_COUNTERS, 0)
-        self._seconds = {"wait": 0.0, "load": 0.0}
+        # Counted apart from the read lock: stats() never waits for a read.
+        self._reads = stats_module.ReadStats()
         self._final_stats: dict[str, Any] | None = None
         self._finalizer: weakref.finalize | None = None
-        self._cpu_at_start = 0.0
         # Loader state between epochs (state.py): what workers have, whether
         # to look again at the next read, and requests sent before a change,
         # as (worker, key), whose batches must not be served.
@@ -239,7 +238,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                 or unpickling its result raised. The next read is unaffected.
         """
         with self._lock:
-            self._ensure_started()
+            pool = self._ensure_started()
             self._check_state()
             epoch, batch = self._locate(index)
             self._passes.read(self._global_index(epoch, batch))
@@ -249,16 +248,15 @@ class PrefetchLoaderDataset(LoaderDataset):
             start = time.perf_counter()
             if hit:
                 outcome = Outcome(value=value)
-                self._counters["hits"] += 1
+                self._reads.hit()
             else:
                 self._note_order(key)
                 outcome = self._fetch(key)
                 if outcome.error is None:
                     with deferred_interrupts():  # one that cannot be copied
                         self._cache.seen(key, outcome.value)
-            self._seconds["wait"] += time.perf_counter() - start
-            self._seconds["load"] += outcome.seconds
-            self._counters["batches"] += 1
+            wait = time.perf_counter() - start
+            self._reads.delivered(wait, outcome.seconds, pool)
         if outcome.error is not None:
             self._raise(outcome, epoch, batch)
         self._check_rows(outcome.value, epoch, batch)
@@ -346,22 +344,32 @@ class PrefetchLoaderDataset(LoaderDataset):
             return self._ensure_started().pids
 
     def stats(self) -> dict[str, Any]:
-        """Reports whether training waits for data, and why.
+        """Reports whether training waits for data, why, and what to do.
+
+        Answers at once, also from another thread while a read waits for a
+        slow batch: it never takes the lock that reads hold.
 
         Returns:
-            A dict with `batches` (delivered), `hits` (of those, how many were
-            already loaded when requested), `discarded` (loaded ahead but not
-            used, e.g. after random access), `wait_seconds` (time the caller
-            spent waiting in `ds[i]`), `load_seconds` (loader time of the
-            delivered batches), `elapsed_seconds` (since the workers
-            started), `cpu_share` (the share of this machine's cores that
-            this process and the workers used meanwhile), `workers` (per
-            worker: `index`, `pid`, `batches`, `busy_seconds`,
-            `cpu_seconds` and `utilization`, its busy share of the elapsed
-            time) and `diagnosis`, one sentence that reads them: not
-            input-bound; input-bound with idle cores (more workers would
-            help); or input-bound with every core busy (more workers would
-            not). After `close()` it returns the final numbers.
+            A dict. Totals since the workers started: `batches` (delivered),
+            `hits` (of those, how many were already loaded when requested),
+            `discarded` (loaded ahead but never used), `out_of_order` (reads
+            that were not the next batch), `wait_seconds` (time the caller
+            spent in `ds[i]`), `load_seconds` (loader time of the delivered
+            batches), `elapsed_seconds` and `startup_seconds` (until the
+            first batch was delivered). Shares in [0, 1] of the time since
+            the first batch, the steady state: `wait_share` (the caller
+            waiting), `worker_busy_share` (the workers loading),
+            `cpu_share` (the cores this process and the workers used) and
+            `machine_cpu_share` (the cores every process on the machine
+            used, from /proc/stat; `None` where unknown). Then `cores`,
+            `workers` (per worker: `index`, `pid`, `batches`,
+            `busy_seconds`, `cpu_seconds`, `utilization`), `verdict` (one
+            of `"no-data"`, `"out-of-order"`, `"model-bound"`,
+            `"balanced"`, `"loader-too-cheap"`, `"transfer-bound"`,
+            `"machine-saturated"`, `"more-workers"`) and `diagnosis`, one
+            sentence with the numbers behind the verdict and the next step
+            (see docs/performance.md, "Reading stats()"). After `close()`,
+            the final numbers.
 
         Example:
 
@@ -377,43 +385,30 @@ class PrefetchLoaderDataset(LoaderDataset):
 
         ```
         """
-        with self._lock:
-            if self._pool is None:
-                if self._final_stats is not None:
-                    return copy.deepcopy(self._final_stats)
-                if self._closed:  # closed before it was ever used
-                    return {
-                        **self._counters,
-                        "wait_seconds": 0.0,
-                        "load_seconds": 0.0,
-                        "elapsed_seconds": 0.0,
-                        "cpu_share": 0.0,
-                        "workers": [],
-                        "diagnosis": "No batches read yet.",
-                    }
-                self._ensure_started()
-            assert self._pool is not None
-            return self._stats_now(self._pool)
+        pool = self._pool
+        if pool is None:
+            if self._final_stats is not None:
+                return copy.deepcopy(self._final_stats)
+            if self._closed:  # closed before it was ever used
+                return stats_module.empty_report(self._reads)
+            # First use starts the workers, unless a read is starting them
+            # now: then there is nothing to report yet, and no waiting.
+            if not self._lock.acquire(blocking=False):
+                return stats_module.empty_report(self._reads)
+            try:
+                pool = self._ensure_started()
+            finally:
+                self._lock.release()
+        return self._stats_now(pool)
 
     def _stats_now(self, pool: WorkerPool) -> dict[str, Any]:
-        elapsed = time.perf_counter() - pool.started_at
-        workers = pool.worker_stats()
-        for w in workers:
-            w["utilization"] = w["busy_seconds"] / elapsed if elapsed else 0.0
-        cpu = time.process_time() - self._cpu_at_start
-        cpu += sum(w["cpu_seconds"] for w in workers) + pool.retired_cpu_seconds
-        cores = _cores()
-        out: dict[str, Any] = dict(self._counters)
-        out["discarded"] = self._stale_discarded
-        if self._schedule is not None:
-            out["discarded"] += self._schedule.discarded
-        out["wait_seconds"] = self._seconds["wait"]
-        out["load_seconds"] = self._seconds["load"]
-        out["elapsed_seconds"] = elapsed
-        out["cpu_share"] = min(1.0, cpu / (elapsed * cores)) if elapsed else 0.0
-        out["workers"] = workers
-        out["diagnosis"] = _diagnose(out, cores)
-        return out
+        schedule = self._schedule
+        discarded = self._stale_discarded
+        if schedule is not None:
+            discarded += schedule.discarded
+        return stats_module.report(
+            self._reads, pool, num_workers=self._num_workers, discarded=discarded
+        )
 
     # -- scheduling -----------------------------------------------------------
 
@@ -447,7 +442,6 @@ class PrefetchLoaderDataset(LoaderDataset):
             pool.start()  # closes the pool if it raises
             self._pool, self._schedule, self._state = pool, schedule, state
             self._finalizer = weakref.finalize(self, pool.close)
-            self._cpu_at_start = time.process_time()
             self._apply(pool.take_events())
         self._restart_window()
         return pool
@@ -473,7 +467,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._dispatch()
         done, outcome = schedule.take(key)
         if done:
-            self._counters["hits"] += 1
+            self._reads.hit()
         while not done:
             if not pool.expecting():
                 # The schedule waits for a batch no worker holds: a bug,
@@ -617,6 +611,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             expected = (last[0], last[1] + 1)
             if expected[1] == self._plan.batches_per_epoch:
                 expected = (last[0] + 1, 0)
+        self._reads.note_order(key, last, expected)
         if self._order.note(key, expected):
             warnings.warn(
                 f"PrefetchLoaderDataset: batches are requested out of order "
@@ -662,8 +657,7 @@ class PrefetchLoaderDataset(LoaderDataset):
             "_finalizer",
             "_cache",
             "_order",
-            "_counters",
-            "_seconds",
+            "_reads",
             "_final_stats",
             "_state",
             "_stale",
@@ -697,31 +691,3 @@ def _check_timeout(timeout: Any) -> float | None:
     if not value > 0:  # also NaN
         raise ValueError(f"`timeout` must be positive. Received: timeout={timeout}")
     return None if value == float("inf") else value
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _diagnose(stats: dict[str, Any], cores: int) -> str:
-    elapsed = stats["elapsed_seconds"]
-    if not stats["batches"] or not elapsed:
-        return "No batches read yet."
-    waiting = stats["wait_seconds"] / elapsed
-    busy = stats["cpu_share"]
-    if waiting < 0.1:
-        return f"Not input-bound: the caller waited for data {waiting:.0%} of the time."
-    if busy >= 0.85:
-        return (
-            f"Input-bound, with the machine's {cores} cores saturated "
-            f"({busy:.0%} in use): more workers would not help. Make the loader "
-            f"cheaper, or give training a machine with more cores."
-        )
-    return (
-        f"Input-bound with idle cores ({busy:.0%} of {cores} in use, the caller "
-        f"waited {waiting:.0%} of the time): more workers, or a faster loader, "
-        f"would help."
-    )

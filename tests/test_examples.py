@@ -102,3 +102,39 @@ def test_images_from_files_trains_predicts_and_cleans_up(tmp_path):
     # Its workers ended with it (orphans would no longer descend from us,
     # hence the marker in their environment).
     assert not wait_unmarked(token), "worker processes outlived the example"
+
+
+# -- recipes for the formats users have (issue 18, items 2 and 6) -------------
+
+RECIPES = [
+    # (script, modules it needs, what it must print)
+    ("hdf5_rows.py", ("h5py",), ["Unsorted rows, straight from h5py: TypeError"]),
+    ("npy_memmap.py", (), []),
+    ("parquet_rows.py", ("pyarrow",), []),
+    ("npz_folder.py", (), []),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("script", "needs", "prints"), RECIPES, ids=[r[0] for r in RECIPES]
+)
+def test_recipe_reads_every_shuffled_batch_right_and_trains(
+    tmp_path, script, needs, prints
+):
+    """Kind recipe: each format's example checks every batch of a shuffled
+    epoch against the file itself, trains, prints a diagnosis, and leaves
+    no worker behind."""
+    for module in needs:
+        pytest.importorskip(module, reason=f"{script} needs {module} (test extra)")
+    token = uuid.uuid4().hex
+    result = run_example(script, cwd=tmp_path, token=token)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert re.search(r"^Checked \d+ shuffled batches against the", result.stdout, re.M)
+    assert re.search(r"^Trained 2 epochs, loss [0-9.]+$", result.stdout, re.M)
+    assert result.stdout.rstrip().endswith("OK"), output
+    for text in prints:
+        assert text in result.stdout, output
+    assert "Traceback" not in result.stderr, output
+    assert not wait_unmarked(token), "worker processes outlived the example"

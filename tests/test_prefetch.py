@@ -453,31 +453,7 @@ def test_one_peek_does_not_warn():
     assert order_warnings(record) == []
 
 
-# -- stats() tells input-bound from cores-saturated (issue 10.7) -------------
-
-
-def _stats(wait, cpu_share, batches=10, elapsed=10.0):
-    return {
-        "batches": batches,
-        "elapsed_seconds": elapsed,
-        "wait_seconds": wait,
-        "cpu_share": cpu_share,
-    }
-
-
-@pytest.mark.parametrize(
-    ("wait", "cpu_share", "verdict"),
-    [
-        (0.2, 0.3, "Not input-bound"),
-        (0.2, 1.0, "Not input-bound"),
-        (6.0, 0.4, "more workers, or a faster loader, would help"),
-        (6.0, 0.95, "more workers would not help"),
-    ],
-)
-def test_diagnosis_tells_idle_cores_from_saturated_ones(wait, cpu_share, verdict):
-    from keras_oom.prefetch import _diagnose
-
-    assert verdict in _diagnose(_stats(wait, cpu_share), cores=2)
+# -- stats() (its verdicts: tests/test_stats.py) ------------------------------
 
 
 def test_stats_report_cpu_share_and_a_diagnosis_also_after_close():
