@@ -105,15 +105,20 @@ def _serve(conn: Connection, loader: Any) -> None:
         seconds = time.perf_counter() - start
         cpu = time.process_time()
         try:
-            writer.send(conn, functools.partial(Loaded, key, seconds, cpu), value)
+            try:
+                message = functools.partial(Loaded, key, seconds, cpu)
+                outgoing = writer.prepare(message, value)
+            finally:
+                # Drop the batch before it travels: a buffer the loader
+                # still holds after this is made private to the worker
+                # first (transport.py), and one it does not hold is free
+                # for the next batch once the parent lets it go.
+                del value
+            writer.transmit(conn, outgoing)
         except (BrokenPipeError, ConnectionResetError):
             raise
         except Exception as e:  # the batch does not pickle
             conn.send(Failed(key, seconds, cpu, encode_error(e)))
-        finally:
-            # Else a zero-copy batch's buffer stays held here while the next
-            # batch loads, and that batch cannot reuse it.
-            del value
 
 
 def _exit_with_parent(parent_pid: int) -> None:
