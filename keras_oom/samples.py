@@ -16,13 +16,12 @@ This module runs in workers too: it imports neither Keras nor a backend.
 from __future__ import annotations
 
 import concurrent.futures
-import operator
 import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, SupportsIndex
 
 import numpy as np
 
@@ -30,35 +29,50 @@ from keras_oom import seeding, transport
 from keras_oom.protocol import add_note
 
 
-def batch_array(shape: int | Sequence[int], dtype: Any = float) -> np.ndarray:
+def batch_array(
+    shape: SupportsIndex | Sequence[SupportsIndex], dtype: Any = float, order: Any = "C"
+) -> np.ndarray:
     """Returns an uninitialised array to build a batch in, like `np.empty`.
 
     Call it in a loader in place of `np.empty` for the batch (or for each
-    array of a multi-input batch), fill it, and return it. In the caller's
-    process (a `LoaderDataset`, or any process that is not a
-    `PrefetchLoaderDataset` worker) it is `np.empty(shape, dtype)`. In a
-    worker it is an array in the worker's shared memory, which the parent
-    maps: returned (alone, or in a tuple or dict), it crosses to the caller
-    with no copy at all. A view of it (`out[:n]`) crosses in place too.
+    array of a multi-input batch), fill it, and return it. It accepts
+    exactly what `np.empty(shape, dtype, order=order)` accepts and gives an
+    array of the same shape, dtype and strides (a subarray dtype such as
+    `np.dtype((np.float32, (3,)))` adds its dimensions to `shape`, as in
+    NumPy), or raises the same error type, in every process. In the
+    caller's process (a `LoaderDataset`, or any process that is not a
+    `PrefetchLoaderDataset` worker) it is `np.empty`. In a worker it is an
+    array in the worker's shared memory, which the parent maps: returned
+    (alone, or in a tuple or dict), it crosses to the caller with no copy
+    at all. A view of it (`out[:n]`) crosses in place too.
 
     An array that the loader allocates but does not return gives its memory
-    back once the loader drops it. Arrays below 64 KiB, and arrays of
-    Python objects, are always plain `np.empty`: small batches go through
-    the worker's socket anyway.
+    back once the loader drops it. A loader may also keep one and refill it
+    for every batch: the batches the caller already holds never change (the
+    first send is in place, later ones are copies). Arrays below 64 KiB,
+    and arrays holding Python objects, are always plain `np.empty`: small
+    batches go through the worker's socket anyway.
 
     Args:
-        shape: The array's shape, an int or a sequence of ints.
+        shape: The array's shape: an int or a sequence of ints (NumPy
+            integers and 0-d integer arrays too), as for `np.empty`.
         dtype: The array's dtype, anything `np.dtype` accepts. Defaults to
             `float` (float64), as for `np.empty`.
+        order: `"C"` (row-major, the default) or `"F"` (column-major), as
+            for `np.empty`.
 
     Returns:
-        A C-contiguous, writable `np.ndarray` of `shape` and `dtype`, its
-        contents arbitrary.
+        A writable `np.ndarray`, contiguous in `order`, of `shape` and
+        `dtype`, its contents arbitrary.
 
     Raises:
-        TypeError: If `shape` is not an int or a sequence of ints, or
-            `dtype` is not a dtype.
-        ValueError: If a dimension of `shape` is negative.
+        TypeError: If `shape` is not an int or a sequence of ints (an
+            iterator is not a sequence), `dtype` is not a dtype, or `order`
+            is not a string.
+        ValueError: If a dimension of `shape` is negative, the array would
+            be larger than the address space, or `order` is not `"C"` or
+            `"F"`.
+        MemoryError: If `np.empty` cannot allocate it.
 
     Example:
 
@@ -74,15 +88,44 @@ def batch_array(shape: int | Sequence[int], dtype: Any = float) -> np.ndarray:
 
     ```
     """
-    shape = _as_shape(shape)
+    # NumPy itself decides what the arguments mean: one rule in every
+    # process. The allocation is virtual (pages are touched only when
+    # written), so making it and dropping it in a worker costs microseconds.
     try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(
-            f"`dtype` must be a NumPy dtype. Received: dtype={dtype!r}"
-        ) from None
-    out = transport.shared_empty(shape, dt)
-    return np.empty(shape, dt) if out is None else out
+        template = np.empty(shape, dtype, order=order)
+    except (TypeError, ValueError) as e:
+        raise type(e)(_refusal(shape, dtype, order, e)) from None
+    fortran = template.flags.f_contiguous and not template.flags.c_contiguous
+    out = transport.shared_empty(
+        template.shape, template.dtype, "F" if fortran else "C"
+    )
+    return template if out is None else out
+
+
+def _refusal(shape: Any, dtype: Any, order: Any, error: BaseException) -> str:
+    """Why `np.empty` refused `batch_array`'s arguments, naming one of them."""
+    try:
+        np.dtype(dtype)
+    except (TypeError, ValueError):
+        return (
+            f"`dtype` must be a NumPy dtype, as for np.empty. Received: "
+            f"dtype={dtype!r} ({error})"
+        )
+    try:
+        np.empty(0, order=order)
+    except (TypeError, ValueError):
+        return (
+            f"`order` must be 'C' or 'F', as for np.empty. Received: "
+            f"order={order!r} ({error})"
+        )
+    hint = " An iterator is not a sequence: pass tuple(shape)." * isinstance(
+        shape, Iterator
+    )
+    return (
+        f"`shape` must be an int or a sequence of ints, none negative, as for "
+        f"np.empty. Received: shape={shape!r} with dtype={np.dtype(dtype)} "
+        f"({error}).{hint}"
+    )
 
 
 def stack_samples(
@@ -363,22 +406,3 @@ def _skeleton(structure: Any) -> str:
 
 def _show(sample_id: Any) -> str:
     return repr(sample_id.item() if isinstance(sample_id, np.generic) else sample_id)
-
-
-def _as_shape(shape: Any) -> tuple[int, ...]:
-    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
-    try:
-        if isinstance(dims, (str, bytes)) or any(
-            isinstance(d, (bool, np.bool_)) for d in dims
-        ):
-            raise TypeError
-        out = tuple(operator.index(d) for d in dims)
-    except TypeError:
-        raise TypeError(
-            f"`shape` must be an int or a sequence of ints. Received: shape={shape!r}"
-        ) from None
-    if any(d < 0 for d in out):
-        raise ValueError(
-            f"`shape` must not have negative dimensions. Received: shape={shape!r}"
-        )
-    return out

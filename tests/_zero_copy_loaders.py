@@ -103,3 +103,60 @@ def row_sums(row, ids):
 def sample_row(i):
     """For stack_samples: one 32 KiB sample filled with its id."""
     return np.full(ROW, i, np.float32)
+
+
+def batch_array_cases() -> list:
+    """`(make_shape, dtype, order)` inputs where `batch_array` and `np.empty`
+    could differ; `make_shape()` builds a fresh shape (generators run once)."""
+    sub = np.dtype((np.float32, (3,)))
+    pair = np.dtype([("a", np.float32), ("b", np.int64)])
+    return [
+        (lambda: map(int, ["4", "16384"]), np.float32, "C"),
+        (lambda: (d for d in (4, 16384)), np.float32, "C"),
+        (lambda: np.array(20000), np.float32, "C"),
+        (lambda: np.int64(20000), np.float32, "C"),
+        (lambda: np.array([4, 16384]), np.float32, "C"),
+        (lambda: [np.array(4), np.uint16(16384)], np.float32, "C"),
+        (lambda: (8, 4096), sub, "C"),
+        (lambda: (8, 4096), sub, "F"),
+        (lambda: (128, 256), np.float64, "F"),
+        (lambda: (4096,), pair, "C"),
+        (lambda: (100, 100), object, "C"),
+        (lambda: (4, -1), np.float32, "C"),
+        (lambda: (2**62, 2**62), np.float32, "C"),
+        (lambda: 2**70, np.float32, "C"),
+        (lambda: (4.0, 2), np.float32, "C"),
+        (lambda: True, np.float32, "C"),
+        (lambda: None, np.float32, "C"),
+        (lambda: "12", np.float32, "C"),
+        (lambda: (4, 16384), "not a dtype", "C"),
+        (lambda: (4, 16384), np.float32, "A"),
+        (lambda: (), "V70000", "C"),
+        (lambda: range(3, 6), np.uint8, "C"),
+    ]
+
+
+def describe_array(make) -> str:
+    """What `make()` gives: shape, dtype, strides, contiguity; or its error type."""
+    try:
+        a = make()
+    except Exception as e:
+        return type(e).__name__
+    flags = (a.flags.c_contiguous, a.flags.f_contiguous, a.flags.writeable)
+    return f"{a.shape} {a.dtype.str} {a.strides} {flags}"
+
+
+def call_batch_array(case):
+    """`batch_array` on a case; `order` passed only when it is not the default."""
+    make_shape, dtype, order = case
+    if order == "C":
+        return batch_array(make_shape(), dtype)
+    return batch_array(make_shape(), dtype, order)
+
+
+def batch_array_loader(ids):
+    """Describes `batch_array` for each case of `batch_array_cases()`, in the worker."""
+    cases = batch_array_cases()
+    return np.array(
+        [describe_array(lambda c=cases[int(i)]: call_batch_array(c)) for i in ids]
+    )

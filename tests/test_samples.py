@@ -15,9 +15,12 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import pickle
 
 import _sample_loaders as sl
+import _zero_copy_loaders as zl
 import cloudpickle
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_transport import assert_same, in_memfd
 
 from keras_oom import (
@@ -223,3 +226,122 @@ def _offset_in_mapping(arr: np.ndarray) -> int:
             if start <= address < end:
                 return address - start
     raise AssertionError("address not mapped")
+
+
+# -- issue 14: batch_array accepts what np.empty accepts, everywhere ---------
+
+
+def _np_empty(case):
+    return zl.describe_array(lambda: np.empty(case[0](), case[1], order=case[2]))
+
+
+@pytest.mark.parametrize("k", range(len(zl.batch_array_cases())))
+def test_batch_array_is_np_empty_in_the_caller(k):
+    """Kind A (issue 14, batch_array bullet): the same result as `np.empty`.
+
+    `map(int, ["4", "1024"])` gave shape `()`, a 0-d array was refused.
+    """
+    case = zl.batch_array_cases()[k]
+    got = zl.describe_array(lambda: zl.call_batch_array(case))
+    assert got == _np_empty(case)
+
+
+@pytest.mark.parametrize("k", range(len(zl.batch_array_cases())))
+def test_batch_array_is_np_empty_in_a_worker_process(k, monkeypatch):
+    """Kind A (issue 14, batch_array bullet): a worker's shared memory gives the
+    same shape, dtype, strides and errors as `np.empty` (a subarray dtype
+    raised in a worker only)."""
+    monkeypatch.setattr(transport, "_ACTIVE", None)
+    writer = transport.BatchWriter()
+    writer.activate()
+    case = zl.batch_array_cases()[k]
+    made = []
+
+    def make():
+        made.append(zl.call_batch_array(case))
+        return made[-1]
+
+    assert zl.describe_array(make) == _np_empty(case)
+    big = made and made[0].nbytes >= transport.SHARED_MEMORY_THRESHOLD
+    if big and not made[0].dtype.hasobject:
+        assert in_memfd(made[0])  # really the worker's path
+
+
+@pytest.mark.timeout(90)
+def test_batch_array_in_real_workers_is_np_empty():
+    """Kind A (issue 14, batch_array bullet): through a real worker, every case."""
+    cases = zl.batch_array_cases()
+    want = [_np_empty(c) for c in cases]
+    with PrefetchLoaderDataset(
+        zl.batch_array_loader,
+        np.arange(len(cases)),
+        batch_size=len(cases),
+        num_workers=1,
+    ) as ds:
+        assert ds[0].tolist() == want
+
+
+def test_batch_array_errors_name_the_parameter():
+    with pytest.raises(TypeError, match=r"`dtype`.*'not a dtype'"):
+        batch_array(3, "not a dtype")
+    with pytest.raises(ValueError, match=r"`order`.*'A'"):
+        batch_array(3, np.float32, "A")
+    with pytest.raises(ValueError, match=r"`shape`.*\(4, -1\).*negative"):
+        batch_array((4, -1))
+    with pytest.raises(TypeError, match=r"`shape`.*None"):
+        batch_array(None)
+    with pytest.raises(TypeError, match=r"`shape`.*map.*tuple\(shape\)"):
+        batch_array(map(int, ["4", "1024"]))
+
+
+_SHAPE_PARTS = st.integers(-2, 300)
+_SHAPES = st.one_of(
+    st.integers(-3, 70000).map(lambda n: lambda: n),
+    st.lists(_SHAPE_PARTS, max_size=3).map(lambda d: lambda: tuple(d)),
+    st.lists(_SHAPE_PARTS, max_size=3).map(lambda d: lambda: list(d)),
+    st.lists(_SHAPE_PARTS, max_size=3).map(lambda d: lambda: iter(d)),
+    st.lists(_SHAPE_PARTS, max_size=3).map(lambda d: lambda: [np.int32(x) for x in d]),
+    st.lists(_SHAPE_PARTS, max_size=3).map(lambda d: lambda: np.array(d, np.int64)),
+    st.integers(0, 70000).map(lambda n: lambda: np.array(n)),
+    st.sampled_from([2**40, 2**63, 1.5, "7", None, True, (2, 2.0), np.array(3.0)]).map(
+        lambda v: lambda: v
+    ),
+)
+_DTYPES = st.sampled_from(
+    [
+        np.float32,
+        "f8",
+        np.uint8,
+        "<i2",
+        ">u4",
+        "U5",
+        "S3",
+        object,
+        bool,
+        None,
+        "V16",
+        np.dtype((np.float32, (3,))),
+        np.dtype((np.int16, (2, 2))),
+        np.dtype([("a", "f4"), ("b", "i8")]),
+        np.dtype([("a", "u1"), ("b", "f8")], align=True),
+        np.dtype([("o", object), ("x", "f4")]),
+        "bogus",
+        3.5,
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=_SHAPES, dtype=_DTYPES, order=st.sampled_from(["C", "F", "c", "A", 1]))
+def test_batch_array_matches_np_empty_property(shape, dtype, order):
+    """Kind A (issue 14, batch_array bullet): for any input, in the caller and in
+    a worker, `batch_array` gives what `np.empty` gives, or its error type."""
+    want = zl.describe_array(lambda: np.empty(shape(), dtype, order=order))
+    assert zl.describe_array(lambda: batch_array(shape(), dtype, order)) == want
+    previous = transport._ACTIVE
+    try:
+        transport.BatchWriter().activate()
+        got = zl.describe_array(lambda: batch_array(shape(), dtype, order))
+    finally:
+        transport._ACTIVE = previous
+    assert got == want
