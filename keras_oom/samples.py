@@ -137,8 +137,16 @@ def stack_samples(
     batch and writes each result into its row of a `batch_array` of shape
     `(len(ids), *sample.shape)` as it arrives, so a batch loaded in a
     `PrefetchLoaderDataset` worker crosses to the caller with no copy.
-    Samples may be arrays (or scalars) or tuples or dicts of them, for
-    multi-input models: each leaf is stacked into its own array.
+    Samples may be arrays (or scalars, strings, nested lists) or tuples or
+    dicts of them, for multi-input models: each leaf is stacked into its
+    own array.
+
+    One rule: the batch equals what `np.stack` gives for each leaf over the
+    batch's samples, with the same dtype promotion (`int32` and `float32`
+    samples give `float64`; file names of 9 and 10 characters give
+    `<U10`), in the structure of the batch's first sample: the same dict
+    keys in any order match, and the result has the first sample's key
+    order and tuple type (a namedtuple or any other tuple subclass).
 
     If `sample_loader` declares a parameter named `rng`, each sample gets a
     `numpy.random.Generator` of its own, spawned from the batch's generator
@@ -156,8 +164,9 @@ def stack_samples(
         sample_loader: A function of one sample id, `sample_loader(id)` or
             `sample_loader(id, rng)`, returning an array-like, or a tuple or
             dict of them. Every sample of a batch must have the same
-            structure, shapes and dtypes. It must pickle with `cloudpickle`
-            when workers are not forked, as for any loader.
+            structure and, leaf by leaf, the same shape, and dtypes that
+            `np.stack` can combine. It must pickle with `cloudpickle` when
+            workers are not forked, as for any loader.
         threads: How many samples to load at once in each process, `>= 1`.
 
     Returns:
@@ -171,8 +180,11 @@ def stack_samples(
         ValueError: If `threads < 1`.
 
     The returned loader raises what `sample_loader` raises, with a note
-    naming the sample id, and a `ValueError` naming two sample ids when
-    their samples differ in structure, shape or dtype.
+    naming the sample id; a `ValueError` naming two sample ids and the leaf
+    (`leaf ['x'][0]`) when their samples differ in structure or shape, or
+    one sample's leaf is not an array (a ragged nested list); and NumPy's
+    `DTypePromotionError` (a `TypeError`), naming them too, for dtypes
+    `np.stack` cannot combine (datetimes and numbers).
 
     Example:
 
@@ -257,14 +269,16 @@ class StackedSamples:
         stack = _Stack(ids)
         if self.threads == 1 or n == 1:
             for k in range(n):
-                stack.put(k, self._load_one(ids[k], seeds[k], kind))
+                sample = self._load_one(ids[k], seeds[k], kind)
+                stack.put(k, _Sample(sample, ids[k]))
             return stack.batch()
         results: queue.SimpleQueue[tuple[int, Any, BaseException | None]]
         results = queue.SimpleQueue()
 
         def task(k: int) -> None:
             try:
-                results.put((k, self._load_one(ids[k], seeds[k], kind), None))
+                sample = self._load_one(ids[k], seeds[k], kind)
+                results.put((k, _Sample(sample, ids[k]), None))  # flattened here
             except BaseException as e:
                 results.put((k, None, e))
 
@@ -316,92 +330,199 @@ class StackedSamples:
         return self._pool
 
 
+class _Sample:
+    """One sample taken apart: its structure, and its leaves as arrays by path.
+
+    Tuples and dicts are nodes, anything else a leaf (`np.asarray`, as
+    `np.stack` does). A path is the keys and indices from the sample to a
+    leaf; dict keys are matched by name, whatever their order.
+
+    Raises:
+        ValueError, TypeError: If a leaf is not an array (a ragged nested
+            list), naming the sample id and the leaf.
+    """
+
+    def __init__(self, sample: Any, sample_id: Any) -> None:
+        self.leaves: dict[tuple[Any, ...], np.ndarray] = {}
+        self.structure = self._take_apart(sample, (), sample_id)
+
+    def _take_apart(self, node: Any, path: tuple[Any, ...], sample_id: Any) -> Any:
+        if isinstance(node, dict):
+            return (
+                "dict",
+                {
+                    k: self._take_apart(v, (*path, k), sample_id)
+                    for k, v in node.items()
+                },
+            )
+        if isinstance(node, tuple):
+            children = [
+                self._take_apart(v, (*path, i), sample_id) for i, v in enumerate(node)
+            ]
+            return ("tuple", type(node), children)
+        try:
+            self.leaves[path] = np.asarray(node)
+        except (ValueError, TypeError) as e:
+            raise type(e)(
+                f"`stack_samples` cannot make an array of sample id "
+                f"{_show(sample_id)}'s {_leaf_name(path)}: {e}"
+            ) from e
+        return None
+
+
 class _Stack:
-    """The batch being filled: one `batch_array` per leaf of the first sample."""
+    """The batch being filled: one `batch_array` per leaf, rows as samples arrive.
+
+    The first sample to arrive sets the leaves, their shapes and dtypes;
+    the first id's sample sets the structure of the result (key order,
+    tuple types). A sample whose leaf has another dtype waits aside; the
+    batch then takes the dtype `np.stack` gives (`np.result_type` of the
+    dtypes in id order), and every value is cast once, from its own dtype.
+    """
 
     def __init__(self, ids: Any) -> None:
         self.ids = ids
-        self.first: int | None = None
-        self.structure: Any = None
-        self.specs: list[tuple[tuple[int, ...], np.dtype]] = []
+        self.first: int | None = None  # the first sample to arrive
+        self.first_sample: _Sample | None = None
+        self.structure: Any = None  # of the first id's sample
+        self.paths: list[tuple[Any, ...]] = []
         self.outs: list[np.ndarray] = []
+        self.dtypes: list[dict[int, np.dtype]] = []  # per leaf: id index -> dtype
+        self.aside: list[dict[int, np.ndarray]] = []  # per leaf: other dtypes
 
-    def put(self, k: int, sample: Any) -> None:
-        structure, leaves = _flatten(sample)
-        if self.first is None:
-            self.first, self.structure = k, structure
-            self.specs = [(a.shape, a.dtype) for a in leaves]
+    def put(self, k: int, sample: _Sample) -> None:
+        if k == 0:
+            self.structure = sample.structure
+        if self.first_sample is None:
+            self.first, self.first_sample = k, sample
+            self.paths = list(sample.leaves)
             self.outs = [
-                batch_array((len(self.ids), *shape), dtype)
-                for shape, dtype in self.specs
+                batch_array((len(self.ids), *leaf.shape), leaf.dtype)
+                for leaf in sample.leaves.values()
             ]
-        elif (
-            structure != self.structure
-            or [(a.shape, a.dtype) for a in leaves] != self.specs
-        ):
+            self.dtypes = [{} for _ in self.paths]
+            self.aside = [{} for _ in self.paths]
+        else:
+            self._check(k, sample)
+        for i, path in enumerate(self.paths):
+            leaf = sample.leaves[path]
+            self.dtypes[i][k] = leaf.dtype
+            if leaf.dtype == self.outs[i].dtype:
+                self.outs[i][k] = leaf
+            else:
+                self._promotion(i, k)  # fails early if np.stack would
+                self.aside[i][k] = leaf
+
+    def _check(self, k: int, sample: _Sample) -> None:
+        first = self.first_sample
+        assert first is not None and self.first is not None
+        where = _difference(first.structure, sample.structure, ())
+        if where is not None:
+            path, first_has, this_has = where
+            at = f" at {_leaf_name(path)}" if path else ""
             raise ValueError(
-                f"`stack_samples` needs samples of one structure, shape and "
-                f"dtype, but sample id {_show(self.ids[k])} is "
-                f"{_describe(structure, leaves)} and sample id "
-                f"{_show(self.ids[self.first])} is "
-                f"{_describe(self.structure, self.specs)}."
+                f"`stack_samples` needs samples of one structure, but{at} "
+                f"sample id {_show(self.ids[k])} is {this_has} and sample id "
+                f"{_show(self.ids[self.first])} is {first_has}."
             )
-        for out, leaf in zip(self.outs, leaves, strict=True):
-            out[k] = leaf
+        for path, out in zip(self.paths, self.outs, strict=True):
+            leaf = sample.leaves[path]
+            if leaf.shape != out.shape[1:]:
+                raise ValueError(
+                    f"`stack_samples` needs samples of one shape per leaf, but "
+                    f"at {_leaf_name(path)} sample id {_show(self.ids[k])} is "
+                    f"shape {leaf.shape} and sample id "
+                    f"{_show(self.ids[self.first])} is shape {out.shape[1:]}."
+                )
+
+    def _promotion(self, i: int, k: int) -> np.dtype:
+        """The dtype `np.stack` gives leaf `i`'s dtypes so far, in id order."""
+        seen = self.dtypes[i]
+        try:
+            return np.result_type(*(seen[j] for j in sorted(seen)))
+        except TypeError as e:  # DTypePromotionError
+            other = next(j for j in sorted(seen) if seen[j] != seen[k])
+            raise type(e)(
+                f"`stack_samples` cannot stack {_leaf_name(self.paths[i])}: "
+                f"sample id {_show(self.ids[k])} is dtype {seen[k]} and sample "
+                f"id {_show(self.ids[other])} is dtype {seen[other]}, which "
+                f"np.stack cannot combine ({e})"
+            ) from e
 
     def batch(self) -> Any:
-        return _unflatten(self.structure, iter(self.outs))
+        for i, aside in enumerate(self.aside):
+            if not aside:
+                continue
+            out = self.outs[i]
+            dtype = self._promotion(i, next(iter(aside)))
+            if dtype != out.dtype:
+                rows = [j for j in self.dtypes[i] if j not in aside]
+                new = batch_array(out.shape, dtype)
+                new[rows] = out[rows]  # each value cast once, from its dtype
+                self.outs[i] = out = new
+            for j, leaf in aside.items():
+                out[j] = leaf
+        by_path = dict(zip(self.paths, self.outs, strict=True))
+        return _rebuild(self.structure, (), by_path)
 
 
-def _flatten(sample: Any) -> tuple[Any, list[np.ndarray]]:
-    """`(structure, leaves)`: tuples and dicts are nodes, the rest arrays."""
-    if isinstance(sample, dict):
-        keys = tuple(sample)
-        parts = [_flatten(sample[key]) for key in keys]
-        return ("dict", keys, tuple(p[0] for p in parts)), [
-            leaf for p in parts for leaf in p[1]
-        ]
-    if isinstance(sample, tuple):
-        parts = [_flatten(v) for v in sample]
-        return ("tuple", type(sample), tuple(p[0] for p in parts)), [
-            leaf for p in parts for leaf in p[1]
-        ]
-    return None, [np.asarray(sample)]
+def _difference(a: Any, b: Any, path: tuple[Any, ...]) -> Any:
+    """`(path, a's, b's)` where two structures first differ, else None."""
+    if a is None or b is None:
+        if a is None and b is None:
+            return None
+        return path, _skeleton(a), _skeleton(b)
+    if a[0] != b[0]:
+        return path, _skeleton(a), _skeleton(b)
+    if a[0] == "dict":
+        if a[1].keys() != b[1].keys():
+            return path, _skeleton(a), _skeleton(b)
+        for key, child in a[1].items():
+            found = _difference(child, b[1][key], (*path, key))
+            if found is not None:
+                return found
+        return None
+    if a[1] is not b[1] or len(a[2]) != len(b[2]):
+        return path, _skeleton(a), _skeleton(b)
+    for index, (x, y) in enumerate(zip(a[2], b[2], strict=True)):
+        found = _difference(x, y, (*path, index))
+        if found is not None:
+            return found
+    return None
 
 
-def _unflatten(structure: Any, leaves: Any) -> Any:
+def _rebuild(structure: Any, path: tuple[Any, ...], by_path: dict) -> Any:
     if structure is None:
-        return next(leaves)
-    kind, tag, children = structure
-    values = [_unflatten(child, leaves) for child in children]
-    if kind == "dict":
-        return dict(zip(tag, values, strict=True))
-    return tuple(values) if tag is tuple else tag(*values)  # a namedtuple
-
-
-def _describe(structure: Any, leaves: Sequence[Any]) -> str:
-    specs = [
-        (leaf.shape, leaf.dtype) if isinstance(leaf, np.ndarray) else leaf
-        for leaf in leaves
-    ]
-    text = ", ".join(f"shape {shape} dtype {dtype}" for shape, dtype in specs)
-    return text if structure is None else f"{_skeleton(structure)} of ({text})"
+        return by_path[path]
+    if structure[0] == "dict":
+        return {k: _rebuild(c, (*path, k), by_path) for k, c in structure[1].items()}
+    _, kind, children = structure
+    values = [_rebuild(c, (*path, i), by_path) for i, c in enumerate(children)]
+    if kind is tuple:
+        return tuple(values)
+    if hasattr(kind, "_fields"):  # a namedtuple
+        return kind._make(values)
+    try:  # another tuple subclass: built from an iterable, as tuple is
+        return kind(values)
+    except TypeError:
+        return tuple.__new__(kind, values)
 
 
 def _skeleton(structure: Any) -> str:
     if structure is None:
-        return "array"
-    kind, tag, children = structure
-    inner = ", ".join(_skeleton(c) for c in children)
-    if kind == "dict":
-        return (
-            "{"
-            + ", ".join(
-                f"{k!r}: {_skeleton(c)}" for k, c in zip(tag, children, strict=True)
-            )
-            + "}"
-        )
-    return f"({inner})"
+        return "an array"
+    if structure[0] == "dict":
+        return f"a dict with keys {sorted(structure[1], key=repr)}"
+    _, kind, children = structure
+    name = "a tuple" if kind is tuple else f"a {kind.__name__}"
+    return f"{name} of {len(children)}"
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    """`sample['x'][1]`-style name of a leaf, or `the sample` for the root."""
+    if not path:
+        return "the sample"
+    return "leaf " + "".join(f"[{p!r}]" for p in path)
 
 
 def _show(sample_id: Any) -> str:
