@@ -11,6 +11,7 @@ can be inspected) and end to end through real worker processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import os
@@ -847,6 +848,25 @@ def test_a_child_forked_while_nothing_is_held_maps_no_worker_file():
 
 # -- issue 14, item 7: many held batches, and the limits they run into -------
 
+
+def run_bounded(tmp_path, code: str, *args: str, timeout: float = 50):
+    """Runs `code` as a script; fails with its output if it fails or hangs."""
+    path = _procs.write_script(tmp_path, code)
+    try:
+        result = subprocess.run(
+            [sys.executable, str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_procs.script_env(),
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the script hung; its output:\n{e.stdout}\n{e.stderr}")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result
+
+
 HOLD_SCRIPT = """
 import os, resource, sys
 import numpy as np
@@ -879,7 +899,7 @@ for loader in (copied, in_place):
 """
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("start_method", ["fork", "subprocess"])
 def test_holding_more_batches_than_the_descriptor_limit(tmp_path, start_method):
     """Kind D (issue 14, item 7): 1,200 held batches under a soft limit of 256 files.
@@ -889,16 +909,7 @@ def test_holding_more_batches_than_the_descriptor_limit(tmp_path, start_method):
     unpickling. Every batch must arrive, with its values, and neither side
     may keep a descriptor per held batch.
     """
-    path = _procs.write_script(tmp_path, HOLD_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(path), start_method],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        env=_procs.script_env(),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bounded(tmp_path, HOLD_SCRIPT, start_method)
     lines = dict(
         (" ".join(line.split()[:2]), line.split(None, 2)[2])
         for line in result.stdout.splitlines()
@@ -973,7 +984,7 @@ with PrefetchLoaderDataset(loader, np.arange(40), batch_size=1, num_workers=1) a
 """
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
 def test_a_descriptor_that_cannot_be_received_says_so(tmp_path):
     """Kind D (issue 14, item 7): the parent has no descriptor left for a batch.
 
@@ -981,10 +992,48 @@ def test_a_descriptor_that_cannot_be_received_says_so(tmp_path):
     ancdata` blamed on unpickling, and the next reads must work once files
     are free again.
     """
-    result = _procs.run_script(tmp_path, NOFILE_SCRIPT, timeout=80)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bounded(tmp_path, NOFILE_SCRIPT)
     out = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert out["ERROR"] == "OSError True", result.stdout
     assert "descriptor" in out["MESSAGE"] and "RLIMIT_NOFILE" in out["MESSAGE"], out
     assert "ancdata" not in out["MESSAGE"], out
     assert out["AGAIN"] == "True" and out["HELD"] == "True", result.stdout
+
+
+def test_a_mapping_the_kernel_refuses_is_read_instead(channel, monkeypatch):
+    """Kind D (issue 14, item 7): the parent cannot map a new buffer (ENOMEM,
+    `vm.max_map_count` reached): its bytes are read with `pread` instead, and
+    the worker retires the buffer. It used to fail the batch."""
+    real = transport._map_shared
+
+    def refuse_in_the_reader(fd, size):
+        if threading.current_thread() is threading.main_thread():  # the reader
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(fd, size)
+
+    monkeypatch.setattr(transport, "_map_shared", refuse_in_the_reader)
+    kind, got = channel.roundtrip(np.full((256, 1024), 4.0, np.float32))
+    assert kind == "memfd" and (got == 4.0).all() and not in_memfd(got)
+    (buffer_id,) = channel.writer._maps
+    monkeypatch.setattr(transport, "_map_shared", real)
+    _, later = channel.roundtrip(np.full((256, 1024), 6.0, np.float32))
+    assert (later == 6.0).all() and in_memfd(later)
+    assert buffer_id not in channel.writer._maps  # retired, not reused
+    assert (got == 4.0).all()
+
+
+def test_a_worker_without_descriptors_sends_through_the_socket(
+    worker_channel, monkeypatch
+):
+    """Kind D (issue 14, item 7): the worker cannot make a shared buffer
+    (EMFILE): `batch_array` is plain memory and batches cross in the socket.
+    The loader used to fail with the OSError."""
+
+    def no_more_files(*args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", no_more_files)
+    kind, got = worker_channel.load(filled(8.0))
+    assert kind == "inline" and (got == 8.0).all() and got.shape == (256, 1024)
+    kind, got = worker_channel.roundtrip(np.full((256, 1024), 9.0, np.float32))
+    assert kind == "inline" and (got == 9.0).all()
