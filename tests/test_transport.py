@@ -713,7 +713,8 @@ def test_a_kept_batch_array_is_sent_in_place_once_then_copied(worker_channel):
 
 
 def test_a_fresh_batch_array_per_batch_is_never_copied(worker_channel):
-    """The common case keeps its speed: nothing copied, buffers recycled."""
+    """Kind A (issue 14, item 1) guard: the common case keeps its speed, with
+    nothing copied and buffers recycled."""
     for i in range(10):
 
         def loader(i=i):
@@ -772,31 +773,47 @@ def test_a_captured_zero_copy_array_reaches_another_datasets_workers(
     assert (row == 6).all()  # and the parent's array is untouched
 
 
-def _fork_child(check, go_r):
-    """Forks a child that waits for a byte on `go_r`, then reports `check()`."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(r)
+class ForkedChild:
+    """A forked child that runs `check()` once told to go, and reports it.
+
+    It leaves when the parent says go or closes its end (a failing test
+    reaps it too), so it never outlives the test.
+    """
+
+    def __init__(self, check):
+        go_r, self._go = os.pipe()
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - runs in the child
             try:
-                os.read(go_r, 1)
-                text = check()
-            except BaseException as e:
-                text = f"ERROR {type(e).__name__}: {e}"
-            os.write(w, text.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    return pid, r
+                os.close(r)
+                os.close(self._go)
+                try:
+                    os.read(go_r, 1)
+                    text = check()
+                except BaseException as e:
+                    text = f"ERROR {type(e).__name__}: {e}"
+                os.write(w, text.encode())
+            finally:
+                os._exit(0)
+        os.close(go_r)
+        os.close(w)
+        self._out = os.fdopen(r, "rb")
 
+    def result(self) -> str:
+        """Tells the child to go; returns what `check()` returned."""
+        os.write(self._go, b"x")
+        return self.close()
 
-def _child_result(pid, r) -> str:
-    with os.fdopen(r, "rb") as f:
-        text = f.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status), f"child died of signal {os.WTERMSIG(status)}"
-    return text
+    def close(self) -> str:
+        if self._go >= 0:
+            os.close(self._go)
+            self._go = -1
+        with self._out:
+            text = self._out.read().decode()
+        _, status = os.waitpid(self.pid, 0)
+        assert os.WIFEXITED(status), f"child died of signal {os.WTERMSIG(status)}"
+        return text
 
 
 @pytest.mark.timeout(60)
@@ -808,16 +825,11 @@ def test_a_users_forked_child_keeps_a_batch_the_worker_reuses():
     still read the values of the moment of the fork.
     """
     ids = np.arange(64)
-    go_r, go_w = os.pipe()
-    try:
-        with PrefetchLoaderDataset(
-            zl.fresh_loader, ids, batch_size=4, num_workers=1
-        ) as ds:
-            box = [ds[0]]
-            inode = mapping_of(box[0])[0]
-            pid, r = _fork_child(
-                lambda: str(bool((box[0] == zl.expected(ids[:4])).all())), go_r
-            )
+    with PrefetchLoaderDataset(zl.fresh_loader, ids, batch_size=4, num_workers=1) as ds:
+        box = [ds[0]]
+        inode = mapping_of(box[0])[0]
+        child = ForkedChild(lambda: str(bool((box[0] == zl.expected(ids[:4])).all())))
+        try:
             box.clear()  # the parent drops the batch; the child still holds it
             gc.collect()
             # Read on until a batch lands in the dropped batch's buffer.
@@ -826,11 +838,10 @@ def test_a_users_forked_child_keeps_a_batch_the_worker_reuses():
                     break
             else:
                 raise AssertionError("the worker never reused the buffer")
-            os.write(go_w, b"x")
-            assert _child_result(pid, r) == "True"
-    finally:
-        os.close(go_r)
-        os.close(go_w)
+            assert child.result() == "True"
+        finally:
+            if child._go >= 0:
+                child.close()
 
 
 @pytest.mark.timeout(60)
