@@ -872,14 +872,17 @@ class WorkerPool:
             try:
                 outcome.value = w.reader.receive(w.conn, msg.kind, msg.payload)
             except BaseException as e:
-                # The batch does not unpickle here: its `__setstate__` or
-                # rebuild raised, of any class (SIGINT is deferred, so even
-                # a KeyboardInterrupt is the batch's own). It fails that
-                # batch only; the worker is fine.
+                # The batch does not unpickle here (its `__setstate__` or
+                # rebuild raised, of any class: SIGINT is deferred, so even
+                # a KeyboardInterrupt is the batch's own), or its shared
+                # memory could not be received (transport.py says why; the
+                # stream stays in step). It fails that batch only; the
+                # worker is fine.
+                how = "received" if isinstance(e, OSError) else "unpickled"
                 add_note(
                     e,
                     f"keras_oom: the batch from {self._where(w)} could not "
-                    f"be unpickled in the parent",
+                    f"be {how} in the parent",
                 )
                 outcome.error = e
         else:

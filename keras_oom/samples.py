@@ -16,13 +16,12 @@ This module runs in workers too: it imports neither Keras nor a backend.
 from __future__ import annotations
 
 import concurrent.futures
-import operator
 import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, SupportsIndex
 
 import numpy as np
 
@@ -30,35 +29,50 @@ from keras_oom import seeding, transport
 from keras_oom.protocol import add_note, describe_id
 
 
-def batch_array(shape: int | Sequence[int], dtype: Any = float) -> np.ndarray:
+def batch_array(
+    shape: SupportsIndex | Sequence[SupportsIndex], dtype: Any = float, order: Any = "C"
+) -> np.ndarray:
     """Returns an uninitialised array to build a batch in, like `np.empty`.
 
     Call it in a loader in place of `np.empty` for the batch (or for each
-    array of a multi-input batch), fill it, and return it. In the caller's
-    process (a `LoaderDataset`, or any process that is not a
-    `PrefetchLoaderDataset` worker) it is `np.empty(shape, dtype)`. In a
-    worker it is an array in the worker's shared memory, which the parent
-    maps: returned (alone, or in a tuple or dict), it crosses to the caller
-    with no copy at all. A view of it (`out[:n]`) crosses in place too.
+    array of a multi-input batch), fill it, and return it. It accepts
+    exactly what `np.empty(shape, dtype, order=order)` accepts and gives an
+    array of the same shape, dtype and strides (a subarray dtype such as
+    `np.dtype((np.float32, (3,)))` adds its dimensions to `shape`, as in
+    NumPy), or raises the same error type, in every process. In the
+    caller's process (a `LoaderDataset`, or any process that is not a
+    `PrefetchLoaderDataset` worker) it is `np.empty`. In a worker it is an
+    array in the worker's shared memory, which the parent maps: returned
+    (alone, or in a tuple or dict), it crosses to the caller with no copy
+    at all. A view of it (`out[:n]`) crosses in place too.
 
     An array that the loader allocates but does not return gives its memory
-    back once the loader drops it. Arrays below 64 KiB, and arrays of
-    Python objects, are always plain `np.empty`: small batches go through
-    the worker's socket anyway.
+    back once the loader drops it. A loader may also keep one and refill it
+    for every batch: the batches the caller already holds never change (the
+    first send is in place, later ones are copies). Arrays below 64 KiB,
+    and arrays holding Python objects, are always plain `np.empty`: small
+    batches go through the worker's socket anyway.
 
     Args:
-        shape: The array's shape, an int or a sequence of ints.
+        shape: The array's shape: an int or a sequence of ints (NumPy
+            integers and 0-d integer arrays too), as for `np.empty`.
         dtype: The array's dtype, anything `np.dtype` accepts. Defaults to
             `float` (float64), as for `np.empty`.
+        order: `"C"` (row-major, the default) or `"F"` (column-major), as
+            for `np.empty`.
 
     Returns:
-        A C-contiguous, writable `np.ndarray` of `shape` and `dtype`, its
-        contents arbitrary.
+        A writable `np.ndarray`, contiguous in `order`, of `shape` and
+        `dtype`, its contents arbitrary.
 
     Raises:
-        TypeError: If `shape` is not an int or a sequence of ints, or
-            `dtype` is not a dtype.
-        ValueError: If a dimension of `shape` is negative.
+        TypeError: If `shape` is not an int or a sequence of ints (an
+            iterator is not a sequence), `dtype` is not a dtype, or `order`
+            is not a string.
+        ValueError: If a dimension of `shape` is negative, the array would
+            be larger than the address space, or `order` is not `"C"` or
+            `"F"`.
+        MemoryError: If `np.empty` cannot allocate it.
 
     Example:
 
@@ -74,15 +88,44 @@ def batch_array(shape: int | Sequence[int], dtype: Any = float) -> np.ndarray:
 
     ```
     """
-    shape = _as_shape(shape)
+    # NumPy itself decides what the arguments mean: one rule in every
+    # process. The allocation is virtual (pages are touched only when
+    # written), so making it and dropping it in a worker costs microseconds.
     try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(
-            f"`dtype` must be a NumPy dtype. Received: dtype={dtype!r}"
-        ) from None
-    out = transport.shared_empty(shape, dt)
-    return np.empty(shape, dt) if out is None else out
+        template = np.empty(shape, dtype, order=order)
+    except (TypeError, ValueError) as e:
+        raise type(e)(_refusal(shape, dtype, order, e)) from None
+    fortran = template.flags.f_contiguous and not template.flags.c_contiguous
+    out = transport.shared_empty(
+        template.shape, template.dtype, "F" if fortran else "C"
+    )
+    return template if out is None else out
+
+
+def _refusal(shape: Any, dtype: Any, order: Any, error: BaseException) -> str:
+    """Why `np.empty` refused `batch_array`'s arguments, naming one of them."""
+    try:
+        np.dtype(dtype)
+    except (TypeError, ValueError):
+        return (
+            f"`dtype` must be a NumPy dtype, as for np.empty. Received: "
+            f"dtype={dtype!r} ({error})"
+        )
+    try:
+        np.empty(0, order=order)
+    except (TypeError, ValueError):
+        return (
+            f"`order` must be 'C' or 'F', as for np.empty. Received: "
+            f"order={order!r} ({error})"
+        )
+    hint = " An iterator is not a sequence: pass tuple(shape)." * isinstance(
+        shape, Iterator
+    )
+    return (
+        f"`shape` must be an int or a sequence of ints, none negative, as for "
+        f"np.empty. Received: shape={shape!r} with dtype={np.dtype(dtype)} "
+        f"({error}).{hint}"
+    )
 
 
 def stack_samples(
@@ -94,8 +137,16 @@ def stack_samples(
     batch and writes each result into its row of a `batch_array` of shape
     `(len(ids), *sample.shape)` as it arrives, so a batch loaded in a
     `PrefetchLoaderDataset` worker crosses to the caller with no copy.
-    Samples may be arrays (or scalars) or tuples or dicts of them, for
-    multi-input models: each leaf is stacked into its own array.
+    Samples may be arrays (or scalars, strings, nested lists) or tuples or
+    dicts of them, for multi-input models: each leaf is stacked into its
+    own array.
+
+    One rule: the batch equals what `np.stack` gives for each leaf over the
+    batch's samples, with the same dtype promotion (`int32` and `float32`
+    samples give `float64`; file names of 9 and 10 characters give
+    `<U10`), in the structure of the batch's first sample: the same dict
+    keys in any order match, and the result has the first sample's key
+    order and tuple type (a namedtuple or any other tuple subclass).
 
     If `sample_loader` declares a parameter named `rng`, each sample gets a
     `numpy.random.Generator` of its own, spawned from the batch's generator
@@ -113,8 +164,9 @@ def stack_samples(
         sample_loader: A function of one sample id, `sample_loader(id)` or
             `sample_loader(id, rng)`, returning an array-like, or a tuple or
             dict of them. Every sample of a batch must have the same
-            structure, shapes and dtypes. It must pickle with `cloudpickle`
-            when workers are not forked, as for any loader.
+            structure and, leaf by leaf, the same shape, and dtypes that
+            `np.stack` can combine. It must pickle with `cloudpickle` when
+            workers are not forked, as for any loader.
         threads: How many samples to load at once in each process, `>= 1`.
 
     Returns:
@@ -128,8 +180,11 @@ def stack_samples(
         ValueError: If `threads < 1`.
 
     The returned loader raises what `sample_loader` raises, with a note
-    naming the sample id, and a `ValueError` naming two sample ids when
-    their samples differ in structure, shape or dtype.
+    naming the sample id; a `ValueError` naming two sample ids and the leaf
+    (`leaf ['x'][0]`) when their samples differ in structure or shape, or
+    one sample's leaf is not an array (a ragged nested list); and NumPy's
+    `DTypePromotionError` (a `TypeError`), naming them too, for dtypes
+    `np.stack` cannot combine (datetimes and numbers).
 
     Example:
 
@@ -214,14 +269,16 @@ class StackedSamples:
         stack = _Stack(ids)
         if self.threads == 1 or n == 1:
             for k in range(n):
-                stack.put(k, self._load_one(ids[k], seeds[k], kind))
+                sample = self._load_one(ids[k], seeds[k], kind)
+                stack.put(k, _Sample(sample, ids[k]))
             return stack.batch()
         results: queue.SimpleQueue[tuple[int, Any, BaseException | None]]
         results = queue.SimpleQueue()
 
         def task(k: int) -> None:
             try:
-                results.put((k, self._load_one(ids[k], seeds[k], kind), None))
+                sample = self._load_one(ids[k], seeds[k], kind)
+                results.put((k, _Sample(sample, ids[k]), None))  # flattened here
             except BaseException as e:
                 results.put((k, None, e))
 
@@ -273,112 +330,200 @@ class StackedSamples:
         return self._pool
 
 
+class _Sample:
+    """One sample taken apart: its structure, and its leaves as arrays by path.
+
+    Tuples and dicts are nodes, anything else a leaf (`np.asarray`, as
+    `np.stack` does). A path is the keys and indices from the sample to a
+    leaf; dict keys are matched by name, whatever their order.
+
+    Raises:
+        ValueError, TypeError: If a leaf is not an array (a ragged nested
+            list), naming the sample id and the leaf.
+    """
+
+    def __init__(self, sample: Any, sample_id: Any) -> None:
+        self.leaves: dict[tuple[Any, ...], np.ndarray] = {}
+        self.structure = self._take_apart(sample, (), sample_id)
+
+    def _take_apart(self, node: Any, path: tuple[Any, ...], sample_id: Any) -> Any:
+        if isinstance(node, dict):
+            return (
+                "dict",
+                {
+                    k: self._take_apart(v, (*path, k), sample_id)
+                    for k, v in node.items()
+                },
+            )
+        if isinstance(node, tuple):
+            children = [
+                self._take_apart(v, (*path, i), sample_id) for i, v in enumerate(node)
+            ]
+            return ("tuple", type(node), children)
+        try:
+            self.leaves[path] = np.asarray(node)
+        except (ValueError, TypeError) as e:
+            raise type(e)(
+                f"`stack_samples` cannot make an array of sample id "
+                f"{_show(sample_id)}'s {_leaf_name(path)}: {e}"
+            ) from e
+        return None
+
+
 class _Stack:
-    """The batch being filled: one `batch_array` per leaf of the first sample."""
+    """The batch being filled: one `batch_array` per leaf, rows as samples arrive.
+
+    The first sample to arrive sets the leaves, their shapes and dtypes;
+    the first id's sample sets the structure of the result (key order,
+    tuple types). A sample whose leaf has another dtype waits aside; the
+    batch then takes the dtype `np.stack` gives (`np.result_type` of the
+    dtypes in id order), and every value is cast once, from its own dtype.
+    """
 
     def __init__(self, ids: Any) -> None:
         self.ids = ids
-        self.first: int | None = None
-        self.structure: Any = None
-        self.specs: list[tuple[tuple[int, ...], np.dtype]] = []
+        self.first: int | None = None  # the first sample to arrive
+        self.first_sample: _Sample | None = None
+        self.structure: Any = None  # of the first id's sample
+        self.paths: list[tuple[Any, ...]] = []
         self.outs: list[np.ndarray] = []
+        self.dtypes: list[dict[int, np.dtype]] = []  # per leaf: id index -> dtype
+        self.aside: list[dict[int, np.ndarray]] = []  # per leaf: other dtypes
 
-    def put(self, k: int, sample: Any) -> None:
-        structure, leaves = _flatten(sample)
-        if self.first is None:
-            self.first, self.structure = k, structure
-            self.specs = [(a.shape, a.dtype) for a in leaves]
+    def put(self, k: int, sample: _Sample) -> None:
+        if k == 0:
+            self.structure = sample.structure
+        if self.first_sample is None:
+            self.first, self.first_sample = k, sample
+            self.paths = list(sample.leaves)
             self.outs = [
-                batch_array((len(self.ids), *shape), dtype)
-                for shape, dtype in self.specs
+                batch_array((len(self.ids), *leaf.shape), leaf.dtype)
+                for leaf in sample.leaves.values()
             ]
-        elif (
-            structure != self.structure
-            or [(a.shape, a.dtype) for a in leaves] != self.specs
-        ):
+            self.dtypes = [{} for _ in self.paths]
+            self.aside = [{} for _ in self.paths]
+        else:
+            self._check(k, sample)
+        for i, path in enumerate(self.paths):
+            leaf = sample.leaves[path]
+            self.dtypes[i][k] = leaf.dtype
+            if leaf.dtype == self.outs[i].dtype:
+                self.outs[i][k] = leaf
+            else:
+                self._promotion(i, k)  # fails early if np.stack would
+                self.aside[i][k] = leaf
+
+    def _check(self, k: int, sample: _Sample) -> None:
+        first = self.first_sample
+        assert first is not None and self.first is not None
+        where = _difference(first.structure, sample.structure, ())
+        if where is not None:
+            path, first_has, this_has = where
+            at = f" at {_leaf_name(path)}" if path else ""
             raise ValueError(
-                f"`stack_samples` needs samples of one structure, shape and "
-                f"dtype, but sample id {_show(self.ids[k])} is "
-                f"{_describe(structure, leaves)} and sample id "
-                f"{_show(self.ids[self.first])} is "
-                f"{_describe(self.structure, self.specs)}."
+                f"`stack_samples` needs samples of one structure, but{at} "
+                f"sample id {_show(self.ids[k])} is {this_has} and sample id "
+                f"{_show(self.ids[self.first])} is {first_has}."
             )
-        for out, leaf in zip(self.outs, leaves, strict=True):
-            out[k] = leaf
+        for path, out in zip(self.paths, self.outs, strict=True):
+            leaf = sample.leaves[path]
+            if leaf.shape != out.shape[1:]:
+                raise ValueError(
+                    f"`stack_samples` needs samples of one shape per leaf, but "
+                    f"at {_leaf_name(path)} sample id {_show(self.ids[k])} is "
+                    f"shape {leaf.shape} and sample id "
+                    f"{_show(self.ids[self.first])} is shape {out.shape[1:]}."
+                )
+
+    def _promotion(self, i: int, k: int) -> np.dtype:
+        """The dtype `np.stack` gives leaf `i`'s dtypes so far, in id order."""
+        seen = self.dtypes[i]
+        try:
+            return np.result_type(*(seen[j] for j in sorted(seen)))
+        except TypeError as e:  # DTypePromotionError
+            other = next(j for j in sorted(seen) if seen[j] != seen[k])
+            raise type(e)(
+                f"`stack_samples` cannot stack {_leaf_name(self.paths[i])}: "
+                f"sample id {_show(self.ids[k])} is dtype {seen[k]} and sample "
+                f"id {_show(self.ids[other])} is dtype {seen[other]}, which "
+                f"np.stack cannot combine ({e})"
+            ) from e
 
     def batch(self) -> Any:
-        return _unflatten(self.structure, iter(self.outs))
+        for i, aside in enumerate(self.aside):
+            if not aside:
+                continue
+            out = self.outs[i]
+            dtype = self._promotion(i, next(iter(aside)))
+            if dtype != out.dtype:
+                rows = [j for j in self.dtypes[i] if j not in aside]
+                new = batch_array(out.shape, dtype)
+                new[rows] = out[rows]  # each value cast once, from its dtype
+                self.outs[i] = out = new
+            for j, leaf in aside.items():
+                out[j] = leaf
+        by_path = dict(zip(self.paths, self.outs, strict=True))
+        return _rebuild(self.structure, (), by_path)
 
 
-def _flatten(sample: Any) -> tuple[Any, list[np.ndarray]]:
-    """`(structure, leaves)`: tuples and dicts are nodes, the rest arrays."""
-    if isinstance(sample, dict):
-        keys = tuple(sample)
-        parts = [_flatten(sample[key]) for key in keys]
-        return ("dict", keys, tuple(p[0] for p in parts)), [
-            leaf for p in parts for leaf in p[1]
-        ]
-    if isinstance(sample, tuple):
-        parts = [_flatten(v) for v in sample]
-        return ("tuple", type(sample), tuple(p[0] for p in parts)), [
-            leaf for p in parts for leaf in p[1]
-        ]
-    return None, [np.asarray(sample)]
+def _difference(a: Any, b: Any, path: tuple[Any, ...]) -> Any:
+    """`(path, a's, b's)` where two structures first differ, else None."""
+    if a is None or b is None:
+        if a is None and b is None:
+            return None
+        return path, _skeleton(a), _skeleton(b)
+    if a[0] != b[0]:
+        return path, _skeleton(a), _skeleton(b)
+    if a[0] == "dict":
+        if a[1].keys() != b[1].keys():
+            return path, _skeleton(a), _skeleton(b)
+        for key, child in a[1].items():
+            found = _difference(child, b[1][key], (*path, key))
+            if found is not None:
+                return found
+        return None
+    if a[1] is not b[1] or len(a[2]) != len(b[2]):
+        return path, _skeleton(a), _skeleton(b)
+    for index, (x, y) in enumerate(zip(a[2], b[2], strict=True)):
+        found = _difference(x, y, (*path, index))
+        if found is not None:
+            return found
+    return None
 
 
-def _unflatten(structure: Any, leaves: Any) -> Any:
+def _rebuild(structure: Any, path: tuple[Any, ...], by_path: dict) -> Any:
     if structure is None:
-        return next(leaves)
-    kind, tag, children = structure
-    values = [_unflatten(child, leaves) for child in children]
-    if kind == "dict":
-        return dict(zip(tag, values, strict=True))
-    return tuple(values) if tag is tuple else tag(*values)  # a namedtuple
-
-
-def _describe(structure: Any, leaves: Sequence[Any]) -> str:
-    specs = [
-        (leaf.shape, leaf.dtype) if isinstance(leaf, np.ndarray) else leaf
-        for leaf in leaves
-    ]
-    text = ", ".join(f"shape {shape} dtype {dtype}" for shape, dtype in specs)
-    return text if structure is None else f"{_skeleton(structure)} of ({text})"
+        return by_path[path]
+    if structure[0] == "dict":
+        return {k: _rebuild(c, (*path, k), by_path) for k, c in structure[1].items()}
+    _, kind, children = structure
+    values = [_rebuild(c, (*path, i), by_path) for i, c in enumerate(children)]
+    if kind is tuple:
+        return tuple(values)
+    if hasattr(kind, "_fields"):  # a namedtuple
+        return kind._make(values)
+    try:  # another tuple subclass: built from an iterable, as tuple is
+        return kind(values)
+    except TypeError:
+        return tuple.__new__(kind, values)
 
 
 def _skeleton(structure: Any) -> str:
     if structure is None:
-        return "array"
-    kind, tag, children = structure
-    inner = ", ".join(_skeleton(c) for c in children)
-    if kind == "dict":
-        return (
-            "{"
-            + ", ".join(
-                f"{k!r}: {_skeleton(c)}" for k, c in zip(tag, children, strict=True)
-            )
-            + "}"
-        )
-    return f"({inner})"
+        return "an array"
+    if structure[0] == "dict":
+        return f"a dict with keys {sorted(structure[1], key=repr)}"
+    _, kind, children = structure
+    name = "a tuple" if kind is tuple else f"a {kind.__name__}"
+    return f"{name} of {len(children)}"
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    """`sample['x'][1]`-style name of a leaf, or `the sample` for the root."""
+    if not path:
+        return "the sample"
+    return "leaf " + "".join(f"[{p!r}]" for p in path)
 
 
 def _show(sample_id: Any) -> str:
     return repr(sample_id.item() if isinstance(sample_id, np.generic) else sample_id)
-
-
-def _as_shape(shape: Any) -> tuple[int, ...]:
-    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
-    try:
-        if isinstance(dims, (str, bytes)) or any(
-            isinstance(d, (bool, np.bool_)) for d in dims
-        ):
-            raise TypeError
-        out = tuple(operator.index(d) for d in dims)
-    except TypeError:
-        raise TypeError(
-            f"`shape` must be an int or a sequence of ints. Received: shape={shape!r}"
-        ) from None
-    if any(d < 0 for d in out):
-        raise ValueError(
-            f"`shape` must not have negative dimensions. Received: shape={shape!r}"
-        )
-    return out

@@ -145,15 +145,20 @@ def _serve(conn: Connection, loader: Any) -> None:
         reply = _WatchedConnection(conn)
         message = functools.partial(Loaded, key, seconds, cpu)
         try:
-            writer.send(cast(Connection, reply), message, value)
+            try:
+                outgoing = writer.prepare(message, value)
+            finally:
+                # Drop the batch before it travels: a buffer the loader
+                # still holds after this is made private to the worker
+                # first (transport.py), and one it does not hold is free
+                # for the next batch once the parent lets it go.
+                del value
+            writer.transmit(cast(Connection, reply), outgoing)
         except BaseException as e:
             if reply.used:  # part of the reply may be out: the stream is broken
                 raise
-            conn.send(Failed(key, seconds, cpu, encode_error(e)))  # did not pickle
-        finally:
-            # Else a zero-copy batch's buffer stays held here while the next
-            # batch loads, and that batch cannot reuse it.
-            del value
+            # Nothing was sent (the batch did not pickle): fail it, serve on.
+            conn.send(Failed(key, seconds, cpu, encode_error(e)))
 
 
 def _lead_own_group() -> None:
@@ -185,8 +190,8 @@ def _end_group() -> None:
 class _WatchedConnection:
     """A connection that notes whether anything used it.
 
-    `BatchWriter.send` pickles the batch before it touches the connection,
-    so an error raised while nothing used it left nothing in the socket,
+    `BatchWriter.transmit` raises before or while it writes: an error
+    raised while nothing used the connection left nothing in the socket,
     and the worker can answer `Failed` instead.
     """
 
