@@ -111,17 +111,21 @@ def check_label_mode(label_mode: Any) -> None:
         )
 
 
-def check_labels(labels: Any, class_names: Any, what: str) -> None:
-    """Keras's checks of `labels` and `class_names`, with Keras's messages."""
+def check_labels(labels: Any, class_names: Any, kind: str, samples: str) -> None:
+    """Keras's checks of `labels` and `class_names`, with Keras's messages.
+
+    `kind` and `samples` complete them: "the number of {kind} files",
+    "a dataset that only contains {samples}".
+    """
     if labels not in ("inferred", None):
         if not isinstance(labels, (list, tuple)):
             raise ValueError(
                 "`labels` argument should be a list/tuple of integer labels, "
-                f"of the same size as the number of {what} files in the target "
+                f"of the same size as the number of {kind} files in the target "
                 "directory. If you wish to infer the labels from the "
                 "subdirectory "
                 'names in the target directory, pass `labels="inferred"`. '
-                f"If you wish to get a dataset that only contains {what}s "
+                f"If you wish to get a dataset that only contains {samples} "
                 f"(no labels), pass `labels=None`. Received: labels={labels}"
             )
         if class_names:
@@ -271,3 +275,81 @@ def make_dataset(
     ds.class_names = class_names
     ds.file_paths = list(paths)
     return ds
+
+
+def from_directory(
+    directory: Any,
+    labels: Any,
+    label_mode: str | None,
+    class_names: Sequence[str] | None,
+    *,
+    formats: tuple[str, ...],
+    batch_size: int | None,
+    shuffle: bool,
+    seed: int | None,
+    validation_split: float | None,
+    subset: str | None,
+    follow_links: bool,
+    verbose: bool,
+    num_workers: int | None,
+    dataset_kwargs: dict[str, Any],
+    make_loader: Callable[[], Callable[..., Any]],
+    noun: str,
+    allowed: str,
+) -> Any:
+    """Keras's flow after the argument checks, ending in keras-oom datasets.
+
+    Draws `seed` if `None`, indexes the files (`index_files`), checks
+    `"binary"`, splits, and builds one dataset (or `[training,
+    validation]` with `subset="both"`, the validation set unshuffled as in
+    Keras) with `make_dataset`. `noun` and `allowed` complete Keras's
+    messages: "No {noun} found in directory {directory}. {allowed}".
+    """
+    if seed is None:
+        seed = int(np.random.randint(1_000_000))
+    paths, labels, class_names = index_files(
+        directory,
+        labels,
+        formats,
+        class_names=class_names,
+        shuffle=shuffle,
+        seed=seed,
+        follow_links=follow_links,
+        verbose=verbose,
+    )
+    if label_mode == "binary" and len(class_names or ()) != 2:
+        raise ValueError(
+            'When passing `label_mode="binary"`, there must be exactly 2 '
+            f"class_names. Received: class_names={class_names}"
+        )
+    num_classes = len(class_names) if class_names else 0
+
+    def build(part_paths: list[str], part_labels: Any, part_shuffle: bool) -> Any:
+        return make_dataset(
+            make_loader(),
+            part_paths,
+            encode_labels(part_labels, label_mode, num_classes),
+            class_names=class_names,
+            batch_size=batch_size,
+            shuffle=part_shuffle,
+            seed=seed,
+            num_workers=num_workers,
+            dataset_kwargs=dataset_kwargs,
+        )
+
+    if subset == "both":
+        train = split(paths, labels, validation_split, "training")
+        val = split(paths, labels, validation_split, "validation")
+        if not train[0]:
+            raise ValueError(
+                f"No training {noun} found in directory {directory}. {allowed}"
+            )
+        if not val[0]:
+            raise ValueError(
+                f"No validation {noun} found in directory {directory}. {allowed}"
+            )
+        return [build(*train, shuffle), build(*val, False)]
+    paths, labels = split(paths, labels, validation_split, subset)
+    if not paths:
+        raise ValueError(f"No {noun} found in directory {directory}. {allowed}")
+    return build(paths, labels, shuffle)

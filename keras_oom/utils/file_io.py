@@ -34,9 +34,10 @@ class FileReadError(OSError):
 class TextReader:
     """`reader(path) -> str`: a file's first `max_length` characters, as Keras.
 
-    Keras's `text_dataset_from_directory(format="grain")` reads the file's
-    bytes, decodes them as UTF-8 and keeps the first `max_length`
-    characters; so does this reader, returning a 0-d string array.
+    Keras's `text_dataset_from_directory(format="grain")` reads the file
+    with `open(path, "r")` (text mode: the locale's encoding, universal
+    newlines) and keeps the first `max_length` characters; so does this
+    reader, returning a 0-d array holding the Python string.
     """
 
     def __init__(self, max_length: int | None = None) -> None:
@@ -44,8 +45,8 @@ class TextReader:
 
     def __call__(self, path: Any) -> np.ndarray:
         try:
-            with open(str(path), "rb") as f:
-                text = f.read().decode("utf-8")
+            with open(str(path)) as f:  # as Keras: text mode, default encoding
+                text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise FileReadError(str(path), str(e)) from e
         if self.max_length is not None:

@@ -202,7 +202,7 @@ def image_dataset_from_directory(
     """
     from keras.src.backend.config import standardize_data_format
 
-    folder.check_labels(labels, class_names, "image")
+    folder.check_labels(labels, class_names, "image", "images")
     folder.check_label_mode(label_mode)
     if labels is None or label_mode is None:
         labels, label_mode = None, None
@@ -228,70 +228,34 @@ def image_dataset_from_directory(
         )
     check_extra()
 
-    if seed is None:
-        seed = int(np.random.randint(1_000_000))
-    paths, labels, class_names = folder.index_files(
-        directory,
-        labels,
-        ALLOWLIST_FORMATS,
-        class_names=class_names,
-        shuffle=shuffle,
-        seed=seed,
-        follow_links=follow_links,
-        verbose=verbose,
-    )
-    if label_mode == "binary" and len(class_names or ()) != 2:
-        raise ValueError(
-            'When passing `label_mode="binary"`, there must be exactly 2 '
-            f"class_names. Received: class_names={class_names}"
-        )
-    data_format = standardize_data_format(data_format=data_format)
     reader = ImageReader(
         size,
         _CHANNELS[color_mode],
         interpolation,
-        data_format,
+        standardize_data_format(data_format=data_format),
         crop_to_aspect_ratio=bool(crop_to_aspect_ratio),
         pad_to_aspect_ratio=bool(pad_to_aspect_ratio),
         augment=augment,
     )
-    num_classes = len(class_names) if class_names else 0
-
-    def build(part_paths: list[str], part_labels: Any, part_shuffle: bool) -> Any:
-        return folder.make_dataset(
-            stack_samples(reader, threads=_THREADS),
-            part_paths,
-            folder.encode_labels(part_labels, label_mode, num_classes),
-            class_names=class_names,
-            batch_size=batch_size,
-            shuffle=part_shuffle,
-            seed=seed,
-            num_workers=num_workers,
-            dataset_kwargs=dataset_kwargs,
-        )
-
-    if subset == "both":
-        train = folder.split(paths, labels, validation_split, "training")
-        val = folder.split(paths, labels, validation_split, "validation")
-        if not train[0]:
-            raise ValueError(
-                f"No training images found in directory {directory}. "
-                f"Allowed formats: {ALLOWLIST_FORMATS}"
-            )
-        if not val[0]:
-            raise ValueError(
-                f"No validation images found in directory {directory}. "
-                f"Allowed formats: {ALLOWLIST_FORMATS}"
-            )
-        # As Keras: the validation set is not shuffled.
-        return [build(*train, shuffle), build(*val, False)]
-    paths, labels = folder.split(paths, labels, validation_split, subset)
-    if not paths:
-        raise ValueError(
-            f"No images found in directory {directory}. "
-            f"Allowed formats: {ALLOWLIST_FORMATS}"
-        )
-    return build(paths, labels, shuffle)
+    return folder.from_directory(
+        directory,
+        labels,
+        label_mode,
+        class_names,
+        formats=ALLOWLIST_FORMATS,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        validation_split=validation_split,
+        subset=subset,
+        follow_links=follow_links,
+        verbose=verbose,
+        num_workers=num_workers,
+        dataset_kwargs=dataset_kwargs,
+        make_loader=lambda: stack_samples(reader, threads=_THREADS),
+        noun="images",
+        allowed=f"Allowed formats: {ALLOWLIST_FORMATS}",
+    )
 
 
 def _check_image_size(image_size: Any) -> tuple[int, int]:
