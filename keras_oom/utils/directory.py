@@ -111,16 +111,20 @@ def check_label_mode(label_mode: Any) -> None:
         )
 
 
-def check_labels(labels: Any, class_names: Any, kind: str, samples: str) -> None:
+def check_labels(
+    labels: Any, class_names: Any, kind: str, samples: str, opening: str = ""
+) -> None:
     """Keras's checks of `labels` and `class_names`, with Keras's messages.
 
-    `kind` and `samples` complete them: "the number of {kind} files",
-    "a dataset that only contains {samples}".
+    `kind`, `samples` and `opening` complete them: "{opening}`labels`
+    argument ... the number of {kind} files ... a dataset that only
+    contains {samples}".
     """
     if labels not in ("inferred", None):
         if not isinstance(labels, (list, tuple)):
             raise ValueError(
-                "`labels` argument should be a list/tuple of integer labels, "
+                f"{opening}`labels` argument should be a list/tuple of integer "
+                "labels, "
                 f"of the same size as the number of {kind} files in the target "
                 "directory. If you wish to infer the labels from the "
                 "subdirectory "

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_oom.samples import batch_array
+
 
 class FileReadError(OSError):
     """A data file could not be read or decoded.
@@ -54,39 +56,102 @@ class TextReader:
         return np.asarray(text, dtype=object)
 
 
-class WavReader:
-    """`reader(path) -> (samples, channels)`: a PCM WAV file as float32.
+def read_wav(path: str) -> tuple[np.ndarray, int]:
+    """Decodes a 16-bit PCM WAV file as `tf.audio.decode_wav` does.
 
-    Decodes as TensorFlow's `tf.audio.decode_wav` does (what Keras's
-    `audio_dataset_from_directory` uses): 16-bit PCM scaled to [-1, 1) by
-    1 / 32768, one column per channel. Files of other sample widths raise
-    a `FileReadError`, as `decode_wav` rejects them.
+    Returns:
+        `(samples, sampling_rate)`: samples float32 of shape
+        `(frames, channels)`, scaled to [-1, 1) by 1 / 32768.
+
+    Raises:
+        FileReadError: If the file is not a WAV file TensorFlow's decoder
+            reads (16-bit PCM); the message names `path`.
+    """
+    try:
+        with wave.open(path, "rb") as w:
+            width, channels = w.getsampwidth(), w.getnchannels()
+            rate, frames = w.getframerate(), w.readframes(w.getnframes())
+    except (OSError, EOFError, wave.Error) as e:
+        raise FileReadError(path, f"cannot decode the WAV file: {e}") from e
+    if width != 2:
+        raise FileReadError(
+            path,
+            "only 16-bit PCM WAV files are supported (as by "
+            f"tf.audio.decode_wav); this one has {8 * width}-bit samples",
+        )
+    data = np.frombuffer(frames, dtype="<i2")
+    data = data[: len(data) - len(data) % channels].reshape(-1, channels)
+    return data.astype(np.float32) / np.float32(32768.0), rate
+
+
+class AudioLoader:
+    """`loader(paths) -> batch`: WAV files decoded and batched as Keras does.
+
+    Keras's `audio_dataset_from_directory` decodes with
+    `tf.audio.decode_wav(desired_samples=output_sequence_length)`, which
+    cuts longer files and pads shorter ones with zeros, then pads a batch to
+    its longest file (`padded_batch`) when there is no
+    `output_sequence_length`. With `ragged`, the batch is a 1-D object
+    array of the files' `(frames, channels)` arrays instead.
 
     Args:
-        num_channels: Columns to keep (the first ones), or `None` for all.
+        output_sequence_length: Frames per file, or `None`.
+        ragged: Whether to return the files unpadded.
+        sampling_rate: `None`, or the rate every file must have (keras-oom
+            does not resample: a file at another rate raises).
     """
 
-    def __init__(self, num_channels: int | None = None) -> None:
-        self.num_channels = num_channels
+    def __init__(
+        self,
+        output_sequence_length: int | None,
+        ragged: bool,
+        sampling_rate: int | None,
+    ) -> None:
+        self.output_sequence_length = output_sequence_length
+        self.ragged = ragged
+        self.sampling_rate = sampling_rate
 
-    def __call__(self, path: Any) -> tuple[np.ndarray, int]:
-        """Returns `(samples, sampling_rate)`; samples float32 `(n, channels)`."""
-        try:
-            with wave.open(str(path), "rb") as w:
-                width, channels = w.getsampwidth(), w.getnchannels()
-                rate, frames = w.getframerate(), w.readframes(w.getnframes())
-        except (OSError, EOFError, wave.Error) as e:
-            raise FileReadError(str(path), f"cannot decode the WAV file: {e}") from e
-        if width != 2:
+    def read(self, path: str) -> np.ndarray:
+        """One file as `(frames, channels)` float32, cut or padded."""
+        data, rate = read_wav(path)
+        if self.sampling_rate is not None and rate != self.sampling_rate:
             raise FileReadError(
-                str(path),
-                f"only 16-bit PCM WAV files are supported (as tf.audio.decode_wav); "
-                f"this one has {8 * width}-bit samples",
+                path,
+                f"its sampling rate is {rate} Hz, not sampling_rate="
+                f"{self.sampling_rate} (keras-oom does not resample)",
             )
-        data = np.frombuffer(frames, dtype="<i2").reshape(-1, channels)
-        if self.num_channels is not None:
-            data = data[:, : self.num_channels]
-        return data.astype(np.float32) / np.float32(32768.0), rate
+        n = self.output_sequence_length
+        if n is not None and len(data) != n:
+            out = np.zeros((n, data.shape[1]), np.float32)
+            out[: min(n, len(data))] = data[:n]
+            data = out
+        return data
+
+    def __call__(self, paths: Any, rng: Any = None) -> np.ndarray:
+        clips = [self.read(str(p)) for p in paths]
+        if self.ragged:
+            out = np.empty(len(clips), dtype=object)
+            out[:] = clips
+            return out
+        channels = {c.shape[1] for c in clips}
+        if len(channels) > 1:
+            first = next(
+                p
+                for p, c in zip(paths, clips, strict=True)
+                if c.shape[1] != clips[0].shape[1]
+            )
+            raise ValueError(
+                f"A batch needs one number of channels, but {str(paths[0])!r} "
+                f"has {clips[0].shape[1]} and {str(first)!r} has "
+                f"{channels - {clips[0].shape[1]}}: use batch_size=None or "
+                "ragged=True"
+            )
+        frames = max(len(c) for c in clips)
+        batch = batch_array((len(clips), frames, clips[0].shape[1]), np.float32)
+        for k, clip in enumerate(clips):
+            batch[k, : len(clip)] = clip
+            batch[k, len(clip) :] = 0.0
+        return batch
 
 
 class Unbatched:
