@@ -33,27 +33,31 @@ class FileReadError(OSError):
         return (type(self), (self.path, self.reason))
 
 
-class TextReader:
-    """`reader(path) -> str`: a file's first `max_length` characters, as Keras.
+class TextLoader:
+    """`loader(paths) -> texts`: files read as Keras's grain path reads them.
 
-    Keras's `text_dataset_from_directory(format="grain")` reads the file
+    Keras's `text_dataset_from_directory(format="grain")` reads each file
     with `open(path, "r")` (text mode: the locale's encoding, universal
-    newlines) and keeps the first `max_length` characters; so does this
-    reader, returning a 0-d array holding the Python string.
+    newlines) and keeps its first `max_length` characters; so does this
+    loader, returning the batch as a 1-D object array of Python strings.
     """
 
     def __init__(self, max_length: int | None = None) -> None:
         self.max_length = max_length
 
-    def __call__(self, path: Any) -> np.ndarray:
+    def read(self, path: str) -> str:
+        """One file's text, cut to `max_length` characters."""
         try:
-            with open(str(path)) as f:  # as Keras: text mode, default encoding
+            with open(path) as f:  # as Keras: text mode, default encoding
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise FileReadError(str(path), str(e)) from e
-        if self.max_length is not None:
-            text = text[: self.max_length]
-        return np.asarray(text, dtype=object)
+            raise FileReadError(path, str(e)) from e
+        return text if self.max_length is None else text[: self.max_length]
+
+    def __call__(self, paths: Any, rng: Any = None) -> np.ndarray:
+        out = np.empty(len(paths), dtype=object)
+        out[:] = [self.read(str(p)) for p in paths]
+        return out
 
 
 def read_wav(path: str) -> tuple[np.ndarray, int]:

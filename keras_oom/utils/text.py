@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from keras_oom.samples import stack_samples
 from keras_oom.utils import directory as folder
 from keras_oom.utils.directory import FileDataset, PrefetchFileDataset
-from keras_oom.utils.file_io import TextReader
+from keras_oom.utils.file_io import TextLoader
 
 
 def text_dataset_from_directory(
@@ -122,7 +121,7 @@ def text_dataset_from_directory(
             "`max_length` must be None or an integer >= 0. "
             f"Received: max_length={max_length!r}"
         )
-    reader = TextReader(max_length)
+    loader = TextLoader(max_length)
     return folder.from_directory(
         directory,
         labels,
@@ -138,7 +137,7 @@ def text_dataset_from_directory(
         verbose=verbose,
         num_workers=num_workers,
         dataset_kwargs=dataset_kwargs,
-        make_loader=lambda: stack_samples(reader),
+        make_loader=lambda: loader,
         noun="text files",
         allowed="Allowed format: .txt",
     )
