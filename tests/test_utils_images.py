@@ -457,3 +457,24 @@ def test_missing_images_extra_raises_import_error_naming_it(folder, monkeypatch)
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ImportError, match=r"keras-oom\[images\]"):
         _ours(folder)
+
+
+@pytest.mark.timeout(60)
+def test_workers_forked_after_the_caller_resized_do_not_hang(tmp_path):
+    """Kind fork safety: OpenCV used in the caller, then forked workers.
+
+    Calling `cv2.setNumThreads` in a child forked after the parent ran
+    OpenCV's thread pool blocks forever; the workers must not call it.
+    """
+    (tmp_path / "a").mkdir()
+    for k in range(4):
+        PIL.fromarray(helpers.smooth_image(256, 256, 3, k)).save(
+            tmp_path / "a" / f"{k}.jpg"
+        )
+    kwargs = dict(image_size=(224, 224), batch_size=2, shuffle=False)
+    expected = [b[0] for b in _all(_ours(tmp_path, **kwargs))]  # in this process
+    with _ours(
+        tmp_path, **kwargs, num_workers=1, start_method="fork", timeout=20
+    ) as ds:
+        for i, x in enumerate(expected):
+            np.testing.assert_array_equal(ds[i][0], x)

@@ -275,7 +275,6 @@ class ImageReader:
         self.crop_to_aspect_ratio = crop_to_aspect_ratio
         self.pad_to_aspect_ratio = pad_to_aspect_ratio
         self.augment = augment
-        self._owner = os.getpid()
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
@@ -298,15 +297,13 @@ class ImageReader:
         return img
 
     def _setup_process(self) -> None:
-        # Import once per process. In a worker, keep OpenCV to one thread:
-        # the pool's processes already use every core (the caller's own
-        # process keeps its OpenCV settings).
+        # Import once per process, before the first image. OpenCV's thread
+        # settings are left alone: `cv2.setNumThreads` blocks forever in a
+        # process forked after its parent ran OpenCV's thread pool.
         self._pid = os.getpid()
         import_pil()
         if self.interpolation == "bilinear":
-            cv2 = import_cv2()
-            if self._pid != self._owner:
-                cv2.setNumThreads(1)
+            import_cv2()
 
 
 def check_extra() -> None:

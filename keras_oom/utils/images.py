@@ -31,8 +31,11 @@ _KERAS_INTERPOLATIONS = (
     "mitchellcubic",
 )
 _CHANNELS = {"grayscale": 1, "rgb": 3, "rgba": 4}
-# Samples decoded at once in each process: Pillow and OpenCV release the GIL.
-_THREADS = 1
+# Samples decoded at once in each process: Pillow and OpenCV release the GIL,
+# so a second thread keeps a worker's core busy while the other runs Python
+# (measured on 2 cores, 2 workers, 256 x 256 JPEGs to 224 x 224: about 1.5x
+# the images/s of one thread).
+_THREADS = 2
 
 
 def image_dataset_from_directory(
