@@ -23,6 +23,7 @@ import numpy as np
 
 from benchmarks.workloads import (
     CROP,
+    FOLDER_SIDE,
     ImageBatchLoader,
     MemmapLoader,
     SampleLoader,
@@ -43,14 +44,18 @@ KERAS_TH = "Keras PyDataset (4 threads)"
 TORCH = "torch DataLoader (2 workers)"
 TFDATA = "tf.data (AUTOTUNE, TF decoder)"
 GRAIN = "Grain mp_prefetch (2 workers)"
+KERAS_FOLDER_TF = 'Keras image_dataset_from_directory, format="tf"'
+KERAS_FOLDER_GRAIN = 'Keras image_dataset_from_directory, format="grain"'
+OOM_FOLDER = "keras-oom image_dataset_from_directory (2 workers)"
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """Where a run's data lives: the rows' `.npy` file and the JPEG files."""
+    """Where a run's data lives: the rows' `.npy` file, the JPEG files, the folder."""
 
     rows_path: str = ""
     jpeg_paths: tuple[str, ...] = ()
+    folder: str = ""  # the JPEG files again, in class folders
 
 
 def batch_loader(w: Workload, data: Data) -> Any:
@@ -401,6 +406,64 @@ class Grain(Contender):
         return {}
 
 
+class KerasFolder(Contender):
+    """Keras's `image_dataset_from_directory(format="tf")`, as a user calls it.
+
+    The image folder workload (issue 15): Keras's own tf.data pipeline
+    (TensorFlow's decoder and resize, AUTOTUNE parallelism).
+    """
+
+    name = KERAS_FOLDER_TF
+    kinds = ("folder",)
+    requires: tuple[str, ...] = ("tensorflow",)
+    format = "tf"
+
+    def setup(self, w: Workload, data: Data) -> None:
+        import keras
+
+        self.ds = keras.utils.image_dataset_from_directory(
+            data.folder,
+            image_size=(FOLDER_SIDE, FOLDER_SIDE),
+            batch_size=w.batch_size,
+            seed=0,
+            verbose=False,
+            format=self.format,
+        )
+
+    def epoch(self) -> Iterator[Any]:
+        if self.format == "tf":
+            return self.ds.as_numpy_iterator()
+        return iter(self.ds)
+
+
+class KerasFolderGrain(KerasFolder):
+    """Keras's `format="grain"`: Pillow and `keras.ops.image.resize`, in process."""
+
+    name = KERAS_FOLDER_GRAIN
+    requires = ("grain", "PIL")
+    format = "grain"
+
+
+class OomFolder(Pool):
+    """keras-oom's `image_dataset_from_directory(..., num_workers=2)`."""
+
+    name = OOM_FOLDER
+    kinds = ("folder",)
+    requires = ("PIL", "cv2")
+
+    def setup(self, w: Workload, data: Data) -> None:
+        from keras_oom import image_dataset_from_directory
+
+        self.ds = image_dataset_from_directory(
+            data.folder,
+            image_size=(FOLDER_SIDE, FOLDER_SIDE),
+            batch_size=w.batch_size,
+            seed=0,
+            verbose=False,
+            num_workers=NUM_WORKERS,
+        )
+
+
 # In table order. The best configuration sits right after the plain pool.
 CONTENDERS: list[type[Contender]] = [
     Serial,
@@ -411,5 +474,8 @@ CONTENDERS: list[type[Contender]] = [
     Torch,
     TfData,
     Grain,
+    KerasFolder,
+    KerasFolderGrain,
+    OomFolder,
 ]
 BY_NAME = {c.name: c for c in CONTENDERS}
