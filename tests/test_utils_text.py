@@ -29,10 +29,14 @@ def _batches(ds):
             if isinstance(b, tuple) and len(b) == 2 and not isinstance(b[0], str)
             else (b,)
         )
-        out.append(
-            tuple(list(p) if isinstance(p, tuple) else np.asarray(p) for p in parts)
-        )
+        out.append((_texts(parts[0]), *(np.asarray(p) for p in parts[1:])))
     return out
+
+
+def _texts(part):
+    """Keras's texts as a list of str: a tuple of str, or (on TensorFlow) bytes."""
+    items = list(part) if isinstance(part, tuple) else np.asarray(part).tolist()
+    return [t.decode("utf-8") if isinstance(t, bytes) else t for t in items]
 
 
 def _ours(directory, **kwargs):
