@@ -207,11 +207,18 @@ def _case_id(kwargs):
     + [f"up-{_case_id(k)}" for k in UP_CASES],
 )
 def test_images_equal_keras_grain_within_tolerance(folder, kwargs, image_size):
-    """Kind pixels: mean |diff| <= 0.5 and max <= 4 against format="grain"."""
+    """Kind pixels: mean |diff| <= 0.5 and max <= 4 against format="grain".
+
+    Each file costs Keras a JAX compilation per case: the methods run on
+    classes a and c (7 files: JPEG, PNG RGBA, BMP, GIF, wide and square),
+    the colour modes on every file.
+    """
+    if "color_mode" not in kwargs:
+        kwargs = dict(kwargs, class_names=["a", "c"])
     kwargs = dict(kwargs, image_size=image_size, shuffle=False, batch_size=4)
     ref = _batches(_keras(folder, **kwargs))
     ours = _all(_ours(folder, **kwargs))
-    assert len(ours) == len(ref) == 3
+    assert len(ours) == len(ref) > 1
     for (x, y), (rx, ry) in zip(ours, ref, strict=True):
         assert x.dtype == np.float32 and x.shape == rx.shape
         diff = np.abs(x - rx)
@@ -225,18 +232,13 @@ def test_sixteen_bit_grayscale_keeps_its_scale_as_keras(folder):
     kwargs = dict(
         color_mode="grayscale", image_size=(11, 9), shuffle=False, batch_size=None
     )
-    ref = dict(
-        zip(
-            _keras(folder, **kwargs).file_paths,
-            _batches(_keras(folder, **kwargs)),
-            strict=True,
-        )
-    )
-    ds = _ours(folder, **kwargs)
+    keras_ds = _keras(folder, class_names=["b"], **kwargs)
+    ref = dict(zip(keras_ds.file_paths, _batches(keras_ds), strict=True))
+    ds = _ours(folder, class_names=["b"], **kwargs)
     path = next(p for p in ds.file_paths if p.endswith("b1.png"))
     x, y = ds[ds.file_paths.index(path)]
     assert x.max() > 255
-    assert np.abs(x - ref[path][0]).max() <= 4 * 257
+    assert np.abs(x - ref[path][0]).max() <= 4
 
 
 # -- the pool on top ----------------------------------------------------------
@@ -460,6 +462,8 @@ def test_missing_images_extra_raises_import_error_naming_it(folder, monkeypatch)
 
 
 @pytest.mark.timeout(60)
+# Forced on purpose: the hang needs fork (JAX's threads do not run in the child).
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_workers_forked_after_the_caller_resized_do_not_hang(tmp_path):
     """Kind fork safety: OpenCV used in the caller, then forked workers.
 
@@ -478,3 +482,42 @@ def test_workers_forked_after_the_caller_resized_do_not_hang(tmp_path):
     ) as ds:
         for i, x in enumerate(expected):
             np.testing.assert_array_equal(ds[i][0], x)
+
+
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_follow_links_indexes_as_keras(tmp_path, follow_links):
+    """Kind files: symlinked sub-folders are followed exactly when Keras does."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    PIL.fromarray(helpers.smooth_image(9, 9, 3, 0)).save(elsewhere / "x.png")
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    PIL.fromarray(helpers.smooth_image(9, 9, 3, 1)).save(root / "a" / "y.png")
+    (root / "a" / "more").symlink_to(elsewhere, target_is_directory=True)
+    kwargs = dict(follow_links=follow_links, shuffle=False)
+    ref = _keras(root, **kwargs)
+    ours = _ours(root, **kwargs)
+    assert ours.file_paths == ref.file_paths
+    assert len(ours.file_paths) == (2 if follow_links else 1)
+
+
+@pytest.mark.timeout(90)
+def test_fit_reads_it_with_sync_epoch_and_reports_stats(folder):
+    """Kind Keras: fit trains on it (SyncEpoch on), and stats() counts batches."""
+    from keras_oom import SyncEpoch
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with _ours(folder, image_size=(8, 8), batch_size=4, seed=0, num_workers=2) as ds:
+        history = model.fit(
+            ds, epochs=2, shuffle=False, verbose=0, callbacks=[SyncEpoch(ds)]
+        )
+        assert ds.epoch == 2
+        assert ds.stats()["batches"] >= 2 * len(ds)
+    assert len(history.history["loss"]) == 2

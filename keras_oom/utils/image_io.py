@@ -243,7 +243,8 @@ class ImageReader:
     """`reader(path, rng) -> image`: one file decoded, resized and augmented.
 
     The per-sample loader of `image_dataset_from_directory`, given to
-    `keras_oom.stack_samples`. It pickles small (its arguments only) and
+    `keras_oom.stack_samples` (its `load_plain` method when there is no
+    `augment`, so that no generator is made per sample). It pickles small (its arguments only) and
     imports Pillow and OpenCV in the process that calls it.
 
     Args:
@@ -281,6 +282,19 @@ class ImageReader:
         return {**self.__dict__, "_pid": -1}
 
     def __call__(self, path: Any, rng: np.random.Generator | None = None) -> Any:
+        """Reads `path`; `rng` is the sample's generator, for `augment`."""
+        return self.load(path, rng)
+
+    def load_plain(self, path: Any) -> Any:
+        """As calling the reader, for `augment=None`: asks for no generator.
+
+        `stack_samples` makes a generator per sample only for a function
+        that declares `rng`; without `augment` none is needed.
+        """
+        return self.load(path, None)
+
+    def load(self, path: Any, rng: np.random.Generator | None) -> Any:
+        """Decodes, crops or pads, resizes, lays out and augments one image."""
         if self._pid != os.getpid():
             self._setup_process()
         img = decode(str(path), self.num_channels)

@@ -255,7 +255,10 @@ def image_dataset_from_directory(
         verbose=verbose,
         num_workers=num_workers,
         dataset_kwargs=dataset_kwargs,
-        make_loader=lambda: stack_samples(reader, threads=_THREADS),
+        # Per-sample generators only when augment will draw from them.
+        make_loader=lambda: stack_samples(
+            reader if augment is not None else reader.load_plain, threads=_THREADS
+        ),
         noun="images",
         allowed=f"Allowed formats: {ALLOWLIST_FORMATS}",
     )
