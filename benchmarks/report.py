@@ -63,16 +63,18 @@ def folder_table(res: Results) -> str:
         bs = res["workloads"][name]["batch_size"]
         rows += [
             f"| contender | images/s | vs {KERAS_FOLDER_TF} "
-            f"| vs {KERAS_FOLDER_GRAIN} | first batch (s) |",
-            "|---|--:|--:|--:|--:|",
+            f"| vs {KERAS_FOLDER_GRAIN} | CPU ms per image | first batch (s) |",
+            "|---|--:|--:|--:|--:|--:|",
         ]
         for c, cell in cells.items():
             ratios = [
                 f"{cell['rate'] / cells[base]['rate']:.2f}x" if base in cells else "-"
                 for base in (KERAS_FOLDER_TF, KERAS_FOLDER_GRAIN)
             ]
+            cpu = cell.get("pool_stats", {}).get("cpu_ms_per_image")
             rows.append(
                 f"| {c} | {cell['rate'] * bs:.0f} | {ratios[0]} | {ratios[1]} "
+                f"| {'-' if cpu is None else f'{cpu:.2f}'} "
                 f"| {cell['first_batch']:.2f} |"
             )
     return "\n".join(rows) or "(no image folder workload in this run)"

@@ -44,6 +44,7 @@ def test_keras_oom_folder_contender_runs_a_tiny_folder(tmp_path):
     result = run_contender(OOM_FOLDER, w, Data(folder=folder), epochs=2)
     assert [len(ep) for ep in result["epochs"]] == [4, 4]
     assert result["rate"] > 0
+    assert result["pool_stats"]["cpu_ms_per_image"] > 0
     assert w.batch_bytes == 4 * FOLDER_SIDE * FOLDER_SIDE * 3 * 4
 
 
@@ -55,7 +56,11 @@ def _results(oom_rate: float) -> dict:
             "image folder": {
                 KERAS_FOLDER_TF: {**cell, "rate": 20.0},
                 KERAS_FOLDER_GRAIN: {**cell, "rate": 5.0},
-                OOM_FOLDER: {**cell, "rate": oom_rate},
+                OOM_FOLDER: {
+                    **cell,
+                    "rate": oom_rate,
+                    "pool_stats": {"cpu_ms_per_image": 0.4},
+                },
             }
         },
     }
@@ -77,4 +82,4 @@ def test_folder_table_shows_images_per_second_and_ratios():
     """Kind benchmark: the report's folder table, images/s and both ratios."""
     table = report.folder_table(_results(oom_rate=30.0))
     line = next(row for row in table.splitlines() if row.startswith(f"| {OOM_FOLDER}"))
-    assert "| 1920 | 1.50x | 6.00x | 0.50 |" in line
+    assert "| 1920 | 1.50x | 6.00x | 0.40 | 0.50 |" in line
