@@ -30,12 +30,14 @@ class WindowLoader:
     def __init__(
         self, data: Any, sequence_length: int, sampling_rate: int, offset: int
     ) -> None:
-        self.data = data
+        # Lists become one array here, not at every batch; arrays (and
+        # memmaps) are kept as they are.
+        self.data = data if isinstance(data, np.ndarray) else np.asarray(data)
         self.steps = offset + np.arange(sequence_length) * sampling_rate
 
     def __call__(self, starts: Any, rng: Any = None) -> np.ndarray:
         index = np.asarray(starts, dtype=np.int64)[:, None] + self.steps[None, :]
-        data = np.asarray(self.data)
+        data = self.data
         out = batch_array(index.shape + data.shape[1:], data.dtype)
         # mode="clip": the indices are in range, and "raise" would buffer.
         np.take(data, index, axis=0, out=out, mode="clip")
