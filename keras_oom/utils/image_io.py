@@ -244,8 +244,9 @@ class ImageReader:
 
     The per-sample loader of `image_dataset_from_directory`, given to
     `keras_oom.stack_samples` (its `load_plain` method when there is no
-    `augment`, so that no generator is made per sample). It pickles small (its arguments only) and
-    imports Pillow and OpenCV in the process that calls it.
+    `augment`, so that no generator is made per sample). It pickles small
+    (its arguments only) and imports Pillow and OpenCV in the process that
+    calls it.
 
     Args:
         image_size: `(height, width)` of every image.
