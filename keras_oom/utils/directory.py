@@ -257,6 +257,9 @@ def make_dataset(
         loader = Unbatched(loader, by_path)
         labels, batch_size = None, 1
     common: dict[str, Any] = dict(batch_size=batch_size, shuffle=shuffle, seed=seed)
+    if isinstance(loader, Unbatched):
+        # A single sample has no batch axis: there is no row per id to check.
+        common["rows_per_id"] = None
     ds: FileDataset | PrefetchFileDataset
     if num_workers == 0:
         ds = FileDataset(loader, ids, labels, **common, **dataset_kwargs)

@@ -119,6 +119,9 @@ def timeseries_dataset_from_array(
         )
         loader, labels, batch_size = Unbatched(loader, by_start), None, 1
     common: dict[str, Any] = dict(batch_size=batch_size, shuffle=shuffle, seed=seed)
+    if isinstance(loader, Unbatched):
+        # A single window has no batch axis: there is no row per id to check.
+        common["rows_per_id"] = None
     if num_workers == 0:
         return LoaderDataset(loader, starts, labels, **common, **dataset_kwargs)
     if num_workers is None:
