@@ -440,8 +440,7 @@ def test_batch_array_buffers_are_reused_and_bounded(worker_channel):
         assert kind == "memfd" and got[0, 0] == i
         if i % 10 == 0:
             held.append((i, got))  # a few batches the caller keeps
-        del got
-        gc.collect()
+        del got  # reference counting frees it: no gc.collect() needed
     for i, got in held:  # never overwritten by later batches
         assert (got == i).all()
     writer = worker_channel.writer
