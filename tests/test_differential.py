@@ -73,7 +73,7 @@ from keras_oom import (
 # Seconds one step may take before it counts as a hang. A fresh interpreter
 # importing Keras (a subclass's worker does) takes a few seconds on a busy
 # machine; a forked worker starts at once.
-STEP_LIMIT = {"fork": 10.0, "subprocess": 40.0, None: 40.0}
+STEP_LIMIT = {"fork": 10.0, "subprocess": 30.0, None: 30.0}
 # Kills per program: the pool gives up on a slot after 3 failed starts in a
 # row, and a kill during a worker's start-up counts as one.
 MAX_KILLS = 2
@@ -242,8 +242,8 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.source: Any = None  # Kind A item 2's dataset A
         self.held: list[tuple[str, Any, Any]] = []  # (what, batch, its copy)
         self.kills = 0
-        self.deaths = 0
-        self.killed: set[int] = set()
+        self.killed: set[int] = set()  # pids sent SIGKILL
+        self.reported: set[int] = set()  # of those, named by a WorkerDiedError
         self.last: int | None = None
 
     # -- building ---------------------------------------------------------------
@@ -421,6 +421,8 @@ class DifferentialMachine(RuleBasedStateMachine):
     def kill_worker(self, worker: int) -> None:
         """SIGKILL to one worker, as the OOM killer sends."""
         pids = self._bounded(lambda: self.pf.worker_pids, "worker_pids")
+        if not pids:  # every slot is waiting to restart a worker
+            return
         pid = pids[worker % len(pids)]
         _procs.kill(pid)
         self.killed.add(pid)
@@ -450,14 +452,15 @@ class DifferentialMachine(RuleBasedStateMachine):
         what = f"ds[{index}] (epoch {self.ref.epoch}, ids {ids.tolist()})"
         want = self._reference(index)
         got = self._prefetch(index)
-        if (
+        while (
             isinstance(got, Raised)
             and isinstance(got.error, WorkerDiedError)
             and got.error.pid in self.killed
         ):
-            # The batch a killed worker held: once per kill, then it loads.
-            self.deaths += 1
-            assert self.deaths <= self.kills, describe(got.error)
+            # The batch a killed worker held: once per kill, then it loads
+            # (or, if it went to another killed worker, fails once more).
+            assert got.error.pid not in self.reported, describe(got.error)
+            self.reported.add(got.error.pid)
             assert got.error.batch_index == index % len(self.ref), describe(got.error)
             got = self._prefetch(index)
         if isinstance(want, Returned):
@@ -509,14 +512,12 @@ class DifferentialMachine(RuleBasedStateMachine):
         one that may not travel, a keras-oom error that names it."""
         if any(type(error) is dl.ERRORS[name] for name in names):
             return True
-        if not names <= dl.MAY_NOT_TRAVEL:
-            return False
         # A worker may end for a BaseException: WorkerDiedError will do if
         # it names the exception; a pool that gave up or closed will not.
         return (
             isinstance(error, RuntimeError)
             and not isinstance(error, (WorkerStartError, DatasetClosedError))
-            and any(name in describe(error) for name in names)
+            and any(name in describe(error) for name in names & dl.MAY_NOT_TRAVEL)
         )
 
 
@@ -537,6 +538,13 @@ SubprocessDifferential = machine(
     configs(start_methods=("subprocess",)), "SubprocessDifferential"
 )
 
+# On correct code the two tests take about 15 s (fork) and 20 s (fresh
+# interpreters, whose workers import Keras) on 2 busy cores. On a failure
+# Hypothesis shrinks the program for up to 5 minutes (its own limit), hence
+# the timeouts; a hang costs a step limit per shrinking attempt. A failure
+# that depends on timing (a batch overwritten while the caller reads it, a
+# worker killed mid-send) may be reported as Flaky: still a failure, and
+# the fixed programs below reproduce the deterministic ones.
 _SETTINGS: dict[str, Any] = dict(
     deadline=None,
     database=None,
@@ -545,21 +553,29 @@ _SETTINGS: dict[str, Any] = dict(
 )
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_fork_workers_give_the_reference_batches_under_any_program():
-    """Kinds A, C, D, E: random programs on forked workers, every loader kind."""
+    """Kinds A, C, D, E: random programs on forked workers, every loader kind.
+
+    Every returned and every held batch equals `LoaderDataset`'s, exceptions
+    match, no step hangs and no process outlives `close()`.
+    """
     run_state_machine_as_test(
         ForkDifferential,
-        settings=settings(max_examples=40, stateful_step_count=25, **_SETTINGS),
+        settings=settings(max_examples=60, stateful_step_count=30, **_SETTINGS),
     )
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_subprocess_workers_give_the_reference_batches_under_any_program():
-    """Kinds A, C, D, E: random programs on fresh-interpreter workers."""
+    """Kinds A, C, D, E: random programs on fresh-interpreter workers.
+
+    As the fork test; few examples, since each starts interpreters that
+    import Keras (about 2 s each on a busy machine).
+    """
     run_state_machine_as_test(
         SubprocessDifferential,
-        settings=settings(max_examples=4, stateful_step_count=20, **_SETTINGS),
+        settings=settings(max_examples=5, stateful_step_count=20, **_SETTINGS),
     )
 
 
