@@ -32,8 +32,15 @@ with `DatasetClosedError`) and the step fails, so Hypothesis can shrink it.
 
 The fixed programs at the end run the same machine on one program per kind
 of issue 14, without Hypothesis: cheap, deterministic, each named after the
-failure it provokes. Loaders and the dataset subclasses live in
-`_differential_loaders.py`, which workers import.
+failure it provokes. Two kinds live only there: torch's thread pool in the
+parent (Kind B, in a fresh interpreter, since the pool would stay in this
+one) and a low open-file limit (Kind D item 7). Not covered here, as both
+classes share the code in question: Keras's `steps_per_epoch` (Kind E item
+8) and loaders returning the wrong number of rows (Kind E item 11).
+
+Loaders and the dataset subclasses live in `_differential_loaders.py`:
+forked workers inherit it, fresh interpreters import it through the
+parent's `sys.path`, where pytest put `tests/`.
 """
 
 from __future__ import annotations
