@@ -871,6 +871,11 @@ class WorkerPool:
             outcome = Outcome()
             try:
                 outcome.value = w.reader.receive(w.conn, msg.kind, msg.payload)
+            except (EOFError, ConnectionError):
+                # The stream ended mid-reply (the worker died while sending):
+                # not the batch's fault. `_drain` loses the worker, and the
+                # batch ends with `WorkerDiedError`.
+                raise
             except BaseException as e:
                 # The batch does not unpickle here (its `__setstate__` or
                 # rebuild raised, of any class: SIGINT is deferred, so even

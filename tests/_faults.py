@@ -234,3 +234,21 @@ def sample_loader(sample_id: Any, fault: Fault | None) -> np.ndarray:
 def object_ids_loader(ids: Any) -> np.ndarray:
     """Twice each integer id of an object array; -1 for any other id."""
     return np.array([i if isinstance(i, int) else -1 for i in ids]) * 2
+
+
+def dying_mid_reply_loader(ids: Any, token: str) -> np.ndarray:
+    """Loads a batch large enough for shared memory; the first time (in any
+    process), the worker is SIGKILLed after the reply's header went out and
+    before its descriptor follows, as a kill can land mid-send."""
+    if claim(token):
+        import signal
+
+        from keras_oom import transport
+
+        def die(*args: Any) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        transport._send_fd = die  # type: ignore[attr-defined]
+    out = np.empty((len(ids), 64 * 1024), np.float32)  # 256 KiB a row
+    out[:] = np.asarray(ids, np.float32)[:, None]
+    return out

@@ -771,3 +771,28 @@ def test_no_resource_growth_over_many_epochs():
     assert threading.active_count() <= threads0
     assert set(memfd_mappings()) <= maps_before  # see test_transport's note
     assert _procs.shm_files() - shm_before == set()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_worker_killed_in_the_middle_of_its_reply_is_a_died_worker(
+    tmp_path, start_method
+):
+    """Kind C (found by the differential test): a worker killed after its
+    reply's header went out, before the descriptor that follows it. The
+    read used to end with `EOFError` and a note blaming unpickling; the
+    stream, not the batch, is what broke, so the read must end with
+    `WorkerDiedError`, and the next read (a new worker) must work."""
+    ds = PrefetchLoaderDataset(
+        functools.partial(_faults.dying_mid_reply_loader, token=str(tmp_path / "died")),
+        np.arange(8),
+        batch_size=2,
+        num_workers=1,
+        start_method=start_method,
+    )
+    with ds:
+        with pytest.raises(WorkerDiedError) as info:
+            ds[0]
+        assert "unpickled" not in "".join(getattr(info.value, "__notes__", []))
+        for i in range(len(ds)):
+            np.testing.assert_array_equal(ds[i][:, 0], [2 * i, 2 * i + 1])
