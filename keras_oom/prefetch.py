@@ -22,20 +22,21 @@ from typing import Any
 from keras_oom import stats as stats_module
 from keras_oom.dataset import LoaderDataset
 from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
-from keras_oom.pool import (
-    START_METHODS,
+from keras_oom.launch import START_METHODS, default_start_method, pickle_setup
+from keras_oom.process_pool import ProcessPool
+from keras_oom.protocol import (
     Arrived,
     Event,
     Joined,
+    Load,
     Lost,
     Outcome,
-    WorkerPool,
     WorkerSetup,
-    default_start_method,
+    add_note,
     deferred_interrupts,
-    pickle_setup,
+    describe_ids,
+    pack_ids,
 )
-from keras_oom.protocol import Load, add_note, describe_ids, pack_ids
 from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
 from keras_oom.source import as_index
 from keras_oom.state import StateTracker, Update
@@ -179,7 +180,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         """The per-process state: no pool until the dataset is first used."""
         self._lock = threading.RLock()
         self._owner_pid = os.getpid()
-        self._pool: WorkerPool | None = None
+        self._pool: ProcessPool | None = None
         self._schedule: Schedule | None = None
         # Events taken from the pool and not yet applied to the schedule.
         self._pending: collections.deque[Event] = collections.deque()
@@ -401,7 +402,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                 self._lock.release()
         return self._stats_now(pool)
 
-    def _stats_now(self, pool: WorkerPool) -> dict[str, Any]:
+    def _stats_now(self, pool: ProcessPool) -> dict[str, Any]:
         schedule = self._schedule
         discarded = self._stale_discarded
         if schedule is not None:
@@ -412,7 +413,7 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     # -- scheduling -----------------------------------------------------------
 
-    def _ensure_started(self) -> WorkerPool:
+    def _ensure_started(self) -> ProcessPool:
         """The pool, started at first use; raises if it cannot serve."""
         if os.getpid() != self._owner_pid:
             raise RuntimeError(
@@ -429,17 +430,13 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._pool.raise_if_broken()  # at once, even for a kept batch
             return self._pool
         state = self._track_state()
-        pool = WorkerPool(
-            self._worker_setup(),
-            self._num_workers,
-            start_method=self._start_method,
-            timeout=self._timeout,
-        )
+        pool = ProcessPool(self._start_method)
         schedule = Schedule(self._num_workers, self._plan.batches_per_epoch)
         # Deferred: a Ctrl-C here must leave either no pool (the next read
         # starts one) or a pool that this dataset owns and will close.
         with deferred_interrupts():
-            pool.start()  # closes the pool if it raises
+            # closes the pool if it raises
+            pool.start(self._worker_setup(), self._num_workers, timeout=self._timeout)
             self._pool, self._schedule, self._state = pool, schedule, state
             self._finalizer = weakref.finalize(self, pool.close)
             self._apply(pool.take_events())
@@ -500,18 +497,19 @@ class PrefetchLoaderDataset(LoaderDataset):
         while pending:
             event = pending.popleft()
             if isinstance(event, Joined):
-                schedule.add_worker(event.slot)
-                state.joined(event.slot)
+                schedule.add_worker(event.worker_index)
+                state.joined(event.worker_index)
             elif isinstance(event, Arrived):
-                key = schedule.arrived(event.slot, event.outcome)
+                key = schedule.arrived(event.worker_index, event.outcome)
                 assert key == event.key, (key, event.key)
-                if (event.slot, key) in self._stale:
-                    self._stale.discard((event.slot, key))
+                if (event.worker_index, key) in self._stale:
+                    self._stale.discard((event.worker_index, key))
                     self._drop(key)
             elif isinstance(event, Lost):
-                lost = schedule.lost(event.slot, event.outcome)
-                if lost is not None and (event.slot, lost) in self._stale:
-                    self._stale.discard((event.slot, lost))
+                index = event.worker_index
+                lost = schedule.lost(index, event.outcome)
+                if lost is not None and (index, lost) in self._stale:
+                    self._stale.discard((index, lost))
                     if event.outcome is not None:
                         self._drop(lost)
 

@@ -62,7 +62,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from keras_oom.pool import Arrived, Joined, Lost
+from keras_oom.protocol import Arrived, Joined, Lost
 from keras_oom.schedule import OrderWatch, ReReadCache, Schedule
 
 # No processes here; the limit leaves Hypothesis time to shrink a failure
@@ -94,11 +94,11 @@ class Produced:
 def apply_event(schedule, event):
     """What `_apply` does with one event, to `schedule` only."""
     if isinstance(event, Joined):
-        schedule.add_worker(event.slot)
+        schedule.add_worker(event.worker_index)
         return None
     if isinstance(event, Arrived):
-        return schedule.arrived(event.slot, event.outcome)
-    return schedule.lost(event.slot, event.outcome)
+        return schedule.arrived(event.worker_index, event.outcome)
+    return schedule.lost(event.worker_index, event.outcome)
 
 
 class ScheduleMachine(RuleBasedStateMachine):
@@ -220,10 +220,8 @@ class ScheduleMachine(RuleBasedStateMachine):
             if isinstance(event, Arrived):
                 assert key == event.key, (key, event.key)
                 self._m_settle(key, event.outcome)
-            elif isinstance(event, Lost):
-                assert key == event.key, (key, event.key)
-                if key is not None and event.outcome is not None:
-                    self._m_settle(key, event.outcome)
+            elif isinstance(event, Lost) and key is not None and event.outcome:
+                self._m_settle(key, event.outcome)
 
     def _dispatch(self):
         """`PrefetchLoaderDataset._dispatch`: apply what the pool noticed,
@@ -390,7 +388,7 @@ class ScheduleMachine(RuleBasedStateMachine):
             return True
         # Died idle, or its reply never came (the key is sent again): None.
         outcome = self._produce(key, "WorkerDiedError") if what == "die" else None
-        self.pool_events.append(Lost(slot, key, outcome))
+        self.pool_events.append(Lost(slot, outcome))
         restarts = data.draw(st.booleans(), label="restarts")
         self._end(slot, restarts, data.draw(st.integers(1, 3)))
         return True
@@ -531,7 +529,7 @@ class ScheduleMachine(RuleBasedStateMachine):
         self._step(data)
         slot = data.draw(st.sampled_from(self._busy()))
         key = self.live[slot]
-        self.pool_events.append(Lost(slot, key, self._produce(key, "WorkerDiedError")))
+        self.pool_events.append(Lost(slot, self._produce(key, "WorkerDiedError")))
         self._end(slot, restarts, countdown)
         self._glue(self._dispatch)
 
@@ -541,7 +539,7 @@ class ScheduleMachine(RuleBasedStateMachine):
         """The worker is lost without an outcome: its key is sent again."""
         self._step(data)
         slot = data.draw(st.sampled_from(self._busy()))
-        self.pool_events.append(Lost(slot, self.live[slot], None))
+        self.pool_events.append(Lost(slot, None))
         self._end(slot, restarts, countdown)
         self._glue(self._dispatch)
 
@@ -550,7 +548,7 @@ class ScheduleMachine(RuleBasedStateMachine):
     def worker_dies_idle(self, data, restarts, countdown):
         self._step(data)
         slot = data.draw(st.sampled_from(self._idle()))
-        self.pool_events.append(Lost(slot, None, None))
+        self.pool_events.append(Lost(slot, None))
         self._end(slot, restarts, countdown)
         self._glue(self._dispatch)
 
@@ -579,7 +577,7 @@ class ScheduleMachine(RuleBasedStateMachine):
         """The pool ends every worker; the schedule goes with it."""
         self.calm = True
         self._apply(self._take_events())
-        events = [Lost(slot, key, None) for slot, key in sorted(self.live.items())]
+        events = [Lost(slot, None) for slot in sorted(self.live)]
         self.live.clear()
         self.vacant.clear()
         self._apply(events)

@@ -163,7 +163,7 @@ def test_forked_worker_holds_no_parent_end_of_any_worker_socket():
         pool = ds._pool
         parent_ends = {
             os.readlink(f"/proc/self/fd/{w.conn.fileno()}")
-            for w in pool._slots
+            for w in pool._workers
             if w is not None
         }
         assert len(parent_ends) == 3
