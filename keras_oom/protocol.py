@@ -66,7 +66,7 @@ import pickle
 import signal
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 
@@ -390,8 +390,7 @@ def describe_id(sample_id: Any) -> str:
         return f"<{type(sample_id).__name__}>"
 
 
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+class deferred_interrupts:  # noqa: N801  (used as a function: `with deferred_interrupts():`)
     """Holds SIGINT back until the block ends, then delivers it.
 
     Python raises KeyboardInterrupt between any two bytecodes; inside a
@@ -401,22 +400,31 @@ def deferred_interrupts() -> Iterator[None]:
     the block calls (a loader's exception being rebuilt, a `__repr__`), so
     the error paths here may catch every class without swallowing Ctrl-C.
     Only the main thread receives signals, so elsewhere this does nothing.
+
+    A class, not a `contextlib.contextmanager`: an exception that leaves the
+    block passes through untouched, whatever its class refuses (the
+    generator form sets its `__traceback__`, which a frozen dataclass
+    exception refuses, replacing it with `FrozenInstanceError`).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None or previous is signal.SIG_IGN:
-        yield
-        return
-    received: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
+
+    def __enter__(self) -> None:
+        self._previous: Any = None
+        self._received: list[Any] = []
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is None or previous is signal.SIG_IGN:
+            return
+        self._previous = previous
+        signal.signal(signal.SIGINT, lambda signum, frame: self._received.append(frame))
+
+    def __exit__(self, *exc_info: object) -> None:
+        previous = self._previous
+        if previous is None:
+            return
         signal.signal(signal.SIGINT, previous)
-        if received:
+        if self._received:
             if callable(previous):
-                previous(signal.SIGINT, received[0])
+                previous(signal.SIGINT, self._received[0])
             else:  # SIG_DFL
                 os.kill(os.getpid(), signal.SIGINT)
