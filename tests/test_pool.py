@@ -318,7 +318,7 @@ def test_close_from_another_thread_during_a_replacement_releases_once(
         start_method="subprocess",
     )
     assert len(ds.worker_pids) == 2  # started
-    pool = ds._pool
+    pool = ds._engine.executor
     closer_errors: list[BaseException] = []
     closer = threading.Thread(
         target=lambda: _capture(ds.close, closer_errors), name="closer"
@@ -397,7 +397,7 @@ def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
     ) as ds:
         ds[0]
         ds[1]  # both kept for a re-read (TensorFlow's pattern)
-        ds._pool._break(RuntimeError("no more workers"))
+        ds._engine.executor._break(RuntimeError("no more workers"))
         for i in (0, 1, 2):
             with pytest.raises((RuntimeError, keras_oom.WorkerStartError)):
                 ds[i]
