@@ -23,6 +23,7 @@ import numpy as np
 
 from benchmarks.workloads import (
     CROP,
+    FOLDER_SIDE,
     ImageBatchLoader,
     MemmapLoader,
     SampleLoader,
@@ -43,14 +44,18 @@ KERAS_TH = "Keras PyDataset (4 threads)"
 TORCH = "torch DataLoader (2 workers)"
 TFDATA = "tf.data (AUTOTUNE, TF decoder)"
 GRAIN = "Grain mp_prefetch (2 workers)"
+KERAS_FOLDER_TF = 'Keras image_dataset_from_directory, format="tf"'
+KERAS_FOLDER_GRAIN = 'Keras image_dataset_from_directory, format="grain"'
+OOM_FOLDER = "keras-oom image_dataset_from_directory (2 workers)"
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """Where a run's data lives: the rows' `.npy` file and the JPEG files."""
+    """Where a run's data lives: the rows' `.npy` file, the JPEG files, the folder."""
 
     rows_path: str = ""
     jpeg_paths: tuple[str, ...] = ()
+    folder: str = ""  # the JPEG files again, in class folders
 
 
 def batch_loader(w: Workload, data: Data) -> Any:
@@ -401,6 +406,134 @@ class Grain(Contender):
         return {}
 
 
+def cpu_seconds(pids: Any = ()) -> float:
+    """CPU seconds (user + system) of this process and of the processes `pids`."""
+    import os
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class FolderContender(Contender):
+    """An `image_dataset_from_directory`, with its CPU cost per image.
+
+    Throughput on a shared machine depends on what else runs; the CPU time
+    an image costs (this process and its workers, from the second epoch on,
+    so that start-up and compilation are left out) does much less.
+    """
+
+    kinds = ("folder",)
+
+    def setup(self, w: Workload, data: Data) -> None:
+        self.batch_size = w.batch_size
+        self.epochs_started = 0
+        self.images = 0
+        self.cpu_start = 0.0
+        self.ds = self.make(w, data)
+
+    def make(self, w: Workload, data: Data) -> Any:
+        raise NotImplementedError
+
+    def batches(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def pids(self) -> Any:
+        return ()
+
+    def epoch(self) -> Iterator[Any]:
+        self.epochs_started += 1
+        if self.epochs_started == 2:
+            self.cpu_start = cpu_seconds(self.pids())
+        for batch in self.batches():
+            if self.epochs_started >= 2:
+                self.images += self.batch_size
+            yield batch
+
+    def teardown(self) -> dict[str, float]:
+        if not self.images:
+            return {}
+        used = cpu_seconds(self.pids()) - self.cpu_start
+        return {"cpu_ms_per_image": 1e3 * used / self.images}
+
+
+class KerasFolder(FolderContender):
+    """Keras's `image_dataset_from_directory(format="tf")`, as a user calls it.
+
+    The image folder workload (issue 15): Keras's own tf.data pipeline
+    (TensorFlow's decoder and resize, AUTOTUNE parallelism).
+    """
+
+    name = KERAS_FOLDER_TF
+    requires: tuple[str, ...] = ("tensorflow",)
+    format = "tf"
+
+    def make(self, w: Workload, data: Data) -> Any:
+        import keras
+
+        return keras.utils.image_dataset_from_directory(
+            data.folder,
+            image_size=(FOLDER_SIDE, FOLDER_SIDE),
+            batch_size=w.batch_size,
+            seed=0,
+            verbose=False,
+            format=self.format,
+        )
+
+    def batches(self) -> Iterator[Any]:
+        if self.format == "tf":
+            return self.ds.as_numpy_iterator()
+        return iter(self.ds)
+
+
+class KerasFolderGrain(KerasFolder):
+    """Keras's `format="grain"`: Pillow and `keras.ops.image.resize`, in process."""
+
+    name = KERAS_FOLDER_GRAIN
+    requires = ("grain", "PIL")
+    format = "grain"
+
+
+class OomFolder(FolderContender):
+    """keras-oom's `image_dataset_from_directory(..., num_workers=2)`."""
+
+    name = OOM_FOLDER
+    requires = ("PIL", "cv2")
+
+    def make(self, w: Workload, data: Data) -> Any:
+        from keras_oom import image_dataset_from_directory
+
+        return image_dataset_from_directory(
+            data.folder,
+            image_size=(FOLDER_SIDE, FOLDER_SIDE),
+            batch_size=w.batch_size,
+            seed=0,
+            verbose=False,
+            num_workers=NUM_WORKERS,
+        )
+
+    def pids(self) -> Any:
+        return self.ds.worker_pids
+
+    def batches(self) -> Iterator[Any]:
+        for i in range(len(self.ds)):
+            yield self.ds[i]
+        self.ds.on_epoch_end()
+
+    def teardown(self) -> dict[str, float]:
+        out = super().teardown()
+        st = self.ds.stats()
+        out["utilization"] = float(np.mean([w["utilization"] for w in st["workers"]]))
+        out["wait_share"] = st["wait_seconds"] / st["elapsed_seconds"]
+        self.ds.close()
+        return out
+
+
 # In table order. The best configuration sits right after the plain pool.
 CONTENDERS: list[type[Contender]] = [
     Serial,
@@ -411,5 +544,8 @@ CONTENDERS: list[type[Contender]] = [
     Torch,
     TfData,
     Grain,
+    KerasFolder,
+    KerasFolderGrain,
+    OomFolder,
 ]
 BY_NAME = {c.name: c for c in CONTENDERS}

@@ -214,7 +214,11 @@ def run_memory(w: Workload, data: Data, epochs: int) -> dict[str, Any]:
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs the experiment a spec describes (see the module docstring)."""
     w = Workload(**spec["workload"])
-    data = Data(spec["data"]["rows_path"], tuple(spec["data"]["jpeg_paths"]))
+    data = Data(
+        spec["data"]["rows_path"],
+        tuple(spec["data"]["jpeg_paths"]),
+        spec["data"].get("folder", ""),
+    )
     kind = spec["experiment"]
     if kind == "contender":
         return run_contender(spec["contender"], w, data, spec["epochs"])

@@ -53,6 +53,33 @@ def image_table(res: Results) -> str:
     return "\n".join(rows)
 
 
+def folder_table(res: Results) -> str:
+    """Images/s through each `image_dataset_from_directory`, with ratios."""
+    from benchmarks.contenders import KERAS_FOLDER_GRAIN, KERAS_FOLDER_TF
+
+    rows = []
+    for name in _kind(res, "folder"):
+        cells = res["cells"][name]
+        bs = res["workloads"][name]["batch_size"]
+        rows += [
+            f"| contender | images/s | vs {KERAS_FOLDER_TF} "
+            f"| vs {KERAS_FOLDER_GRAIN} | CPU ms per image | first batch (s) |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+        for c, cell in cells.items():
+            ratios = [
+                f"{cell['rate'] / cells[base]['rate']:.2f}x" if base in cells else "-"
+                for base in (KERAS_FOLDER_TF, KERAS_FOLDER_GRAIN)
+            ]
+            cpu = cell.get("pool_stats", {}).get("cpu_ms_per_image")
+            rows.append(
+                f"| {c} | {cell['rate'] * bs:.0f} | {ratios[0]} | {ratios[1]} "
+                f"| {'-' if cpu is None else f'{cpu:.2f}'} "
+                f"| {cell['first_batch']:.2f} |"
+            )
+    return "\n".join(rows) or "(no image folder workload in this run)"
+
+
 def row_table(res: Results) -> str:
     rows = [
         "| workload | contender | batches/s | vs serial | first batch (ms) "
@@ -122,6 +149,11 @@ def render(res: Results, rows: list[Row]) -> str:
             for n in _kind(res, "rows")
         ),
         image_table=image_table(res),
+        folder_workloads="\n".join(
+            f"- **{n}**: {res['workloads'][n]['description']}"
+            for n in _kind(res, "folder")
+        ),
+        folder_table=folder_table(res),
         skipped="\n".join(f"Not run: {c}: {why}." for c, why in skipped.items()),
         row_table=row_table(res),
         pool_table=pool_table(res),

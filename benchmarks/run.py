@@ -33,7 +33,13 @@ from typing import Any
 
 from benchmarks import report, targets
 from benchmarks.contenders import CONTENDERS, NUM_WORKERS, SERIAL
-from benchmarks.workloads import Workload, make_workloads, write_jpegs, write_rows
+from benchmarks.workloads import (
+    Workload,
+    make_workloads,
+    write_folder,
+    write_jpegs,
+    write_rows,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="keras_oom_bench_") as tmp:
         rows = [w for w in workloads if w.kind == "rows"]
-        images = [w for w in workloads if w.kind == "images"]
+        images = [w for w in workloads if w.kind in ("images", "folder")]
         data = {
             "rows_path": write_rows(tmp, max(w.num_samples for w in rows))
             if rows
@@ -182,6 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if images
             else [],
         }
+        if any(w.kind == "folder" for w in workloads):
+            data["folder"] = write_folder(tmp, data["jpeg_paths"])
         log(f"data written to {tmp}")
 
         def spec(w: Workload, experiment: str, **kw: Any) -> dict[str, Any]:
@@ -206,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         log(f"  skipping {c}: {r['skipped']}")
                         continue
                     runs.setdefault(c, []).append(r)
-                    unit = w.batch_size if w.kind == "images" else 1
+                    unit = 1 if w.kind == "rows" else w.batch_size
                     log(
                         f"  {w.name:20s} rep {rep + 1}/{args.repeats} {c:42s} "
                         f"{r['rate'] * unit:8.1f} {w.unit}"

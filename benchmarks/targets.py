@@ -16,8 +16,11 @@ import dataclasses
 from typing import Any
 
 from benchmarks.contenders import (
+    KERAS_FOLDER_GRAIN,
+    KERAS_FOLDER_TF,
     KERAS_MP,
     NUM_WORKERS,
+    OOM_FOLDER,
     POOL,
     POOL_BEST,
     SERIAL,
@@ -78,6 +81,9 @@ class MemoryFlat:
 Target = Ratio | FirstBatch | Stall | ParentMemory | FitRatio | MemoryFlat
 
 TARGETS: list[Target] = [
+    # Issue 15: Keras's image_dataset_from_directory, on the pool.
+    Ratio("image folder", OOM_FOLDER, KERAS_FOLDER_TF, 1.5),
+    Ratio("image folder", OOM_FOLDER, KERAS_FOLDER_GRAIN, 5.0),
     # Issue 11: the image pipeline.
     Ratio("images, simplejpeg", THE_POOL, TFDATA, 1.2),
     Ratio("images, simplejpeg", THE_POOL, SERIAL, 1.9),

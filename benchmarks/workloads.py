@@ -1,6 +1,6 @@
 """Workloads: the data written once per run, and the loaders that read it.
 
-Two families:
+Three families:
 
 - **Row workloads** (latency-, transfer- and CPU-bound) read float32 rows from
   a `.npy` memmap: `np.asarray(mm[ids])` is a real copy from the page cache,
@@ -8,6 +8,9 @@ Two families:
 - **Image workloads** read JPEG files cut from the sample photographs that
   scikit-image ships inside its package: decode (PIL or simplejpeg), random
   224 x 224 crop, random horizontal flip, stacked into a uint8 batch.
+- **The image folder** (issue 15): the same JPEG files in one sub-folder per
+  class, read by Keras's `image_dataset_from_directory` (`format="tf"` and
+  `"grain"`) and by keras-oom's, resized to 224 x 224 float32 with labels.
 
 Everything here is importable without Keras, so that the parent process (which
 only plans and reports) stays light, and loaders pickle small: a loader holds
@@ -29,6 +32,8 @@ PAGE_FLOATS = 4096 // 4  # float32 per 4 KiB page
 CROP = 224
 JPEG_SIDE = 256
 JPEG_QUALITY = 90
+FOLDER_CLASSES = 8
+FOLDER_SIDE = 224  # the folder workload's output: float32 224 x 224 x 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +42,9 @@ class Workload:
 
     Attributes:
         name: Shown in the tables; targets refer to workloads by it.
-        kind: `"rows"` (the memmap) or `"images"` (the JPEG files).
+        kind: `"rows"` (the memmap), `"images"` (the JPEG files) or
+            `"folder"` (the JPEG files in class folders, through
+            `image_dataset_from_directory`).
         batch_size: Samples per batch.
         batches_per_epoch: Batches per epoch.
         sleep: Rows: seconds slept per batch (waiting on storage or a network).
@@ -59,6 +66,8 @@ class Workload:
 
     @property
     def batch_bytes(self) -> int:
+        if self.kind == "folder":
+            return self.batch_size * FOLDER_SIDE * FOLDER_SIDE * 3 * 4
         if self.kind == "images":
             return self.batch_size * CROP * CROP * 3
         return self.batch_size * FEATURES * 4
@@ -66,10 +75,19 @@ class Workload:
     @property
     def unit(self) -> str:
         """What the throughput column counts."""
-        return "images/s" if self.kind == "images" else "batches/s"
+        return "batches/s" if self.kind == "rows" else "images/s"
 
     def describe(self) -> str:
         """One line for the report."""
+        if self.kind == "folder":
+            return (
+                f"{self.num_samples} JPEG files ({JPEG_SIDE} x {JPEG_SIDE}, quality "
+                f"{JPEG_QUALITY}) in {FOLDER_CLASSES} class folders, through "
+                f"`image_dataset_from_directory(image_size=({FOLDER_SIDE}, "
+                f"{FOLDER_SIDE}), batch_size={self.batch_size}, seed=0)`: bilinear "
+                f"resize, float32 batches ({self.batch_bytes / 2**20:.1f} MiB) "
+                f"with int32 labels"
+            )
         if self.kind == "images":
             return (
                 f"{self.num_samples} JPEG files ({JPEG_SIDE} x {JPEG_SIDE}, "
@@ -104,6 +122,7 @@ def make_workloads(quick: bool) -> list[Workload]:
         Workload(
             "images, simplejpeg", "images", 64, images // 64, decoder="simplejpeg"
         ),  # noqa: E501
+        Workload("image folder", "folder", 64, images // 64),
     ]
 
 
@@ -199,6 +218,24 @@ def write_jpegs(directory: str, count: int, seed: int = 0) -> list[str]:
         Image.fromarray(crop).save(path, quality=JPEG_QUALITY)
         paths.append(str(path))
     return paths
+
+
+def write_folder(directory: str, jpeg_paths: list[str]) -> str:
+    """Links the JPEG files into `FOLDER_CLASSES` class folders; returns the root.
+
+    File `k` goes to `class_{k % FOLDER_CLASSES}/`, as a hard link (a copy
+    where links are not possible), so the folder costs no disk space.
+    """
+    root = Path(directory) / "folder"
+    for k, path in enumerate(jpeg_paths):
+        sub = root / f"class_{k % FOLDER_CLASSES}"
+        sub.mkdir(parents=True, exist_ok=True)
+        target = sub / Path(path).name
+        try:
+            os.link(path, target)
+        except OSError:
+            target.write_bytes(Path(path).read_bytes())
+    return str(root)
 
 
 def decode(path: str, decoder: str) -> np.ndarray:

@@ -7,6 +7,11 @@ so that resumed runs read the same data. `batch_array` allocates a batch
 that a worker sends with no copy, and `stack_samples` makes a batch loader
 from a loader of one sample, with threads inside each process.
 
+Keras's dataset utilities come on top of the pool, without TensorFlow:
+`image_dataset_from_directory`, `text_dataset_from_directory`,
+`audio_dataset_from_directory` and `timeseries_dataset_from_array` take
+Keras's parameters and return these datasets (`keras_oom.utils`).
+
 Every name but the errors is imported on first use, so that
 worker processes, which import this package but never Keras, start quickly.
 """
@@ -27,6 +32,12 @@ if TYPE_CHECKING:
     from keras_oom.dataset import LoaderDataset
     from keras_oom.prefetch import PrefetchLoaderDataset
     from keras_oom.samples import batch_array, stack_samples
+    from keras_oom.utils import (
+        audio_dataset_from_directory,
+        image_dataset_from_directory,
+        text_dataset_from_directory,
+        timeseries_dataset_from_array,
+    )
 
 __all__ = [
     "DatasetClosedError",
@@ -36,8 +47,12 @@ __all__ = [
     "WorkerDiedError",
     "WorkerStartError",
     "WorkerTimeoutError",
+    "audio_dataset_from_directory",
     "batch_array",
+    "image_dataset_from_directory",
     "stack_samples",
+    "text_dataset_from_directory",
+    "timeseries_dataset_from_array",
 ]
 __version__ = "0.1.0"
 
@@ -47,6 +62,10 @@ _LAZY = {
     "SyncEpoch": "keras_oom.callbacks",
     "batch_array": "keras_oom.samples",
     "stack_samples": "keras_oom.samples",
+    "image_dataset_from_directory": "keras_oom.utils.images",
+    "text_dataset_from_directory": "keras_oom.utils.text",
+    "audio_dataset_from_directory": "keras_oom.utils.audio",
+    "timeseries_dataset_from_array": "keras_oom.utils.timeseries",
 }
 
 
