@@ -141,7 +141,7 @@ class Pool(Contender):
         from keras_oom import PrefetchLoaderDataset
 
         try:
-            from keras_oom.pool import default_start_method
+            from keras_oom.launch import default_start_method
 
             self.note = f"workers started by {default_start_method()!r}"
         except ImportError:  # an internal: the note is only informative

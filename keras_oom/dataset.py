@@ -137,7 +137,7 @@ class LoaderDataset(keras.utils.PyDataset):
     ) -> None:
         super().__init__(**kwargs)
         if loader is None:
-            if type(self).load is LoaderDataset.load:
+            if not self._load_overridden():
                 raise TypeError(
                     "`loader` is required unless a subclass overrides "
                     "`load(self, ids)`. Received: loader=None"
@@ -412,9 +412,13 @@ class LoaderDataset(keras.utils.PyDataset):
                 stacklevel=3,
             )
 
+    def _load_overridden(self) -> bool:
+        """Whether a subclass loads batches with its own `load`."""
+        return type(self).load is not LoaderDataset.load
+
     def _batch_loader(self) -> Callable[..., Any]:
         """What loads a batch: the `loader`, or a subclass's `load`."""
-        if type(self).load is LoaderDataset.load:
+        if not self._load_overridden():
             assert self._loader is not None
             return self._loader
         return self.load

@@ -1,10 +1,13 @@
 """The public exceptions of keras-oom.
 
 How a failure in a worker is encoded, sent and rebuilt in the caller lives
-beside the other messages in `protocol.py`.
+beside the other messages in `protocol.py`. The wording of a worker's exit
+(`describe_exit`, `likely_causes`) is here, beside the error it explains.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class WorkerDiedError(RuntimeError):
@@ -62,3 +65,31 @@ class WorkerStartError(RuntimeError):
 
 class DatasetClosedError(RuntimeError):
     """The dataset was used after `close()` ended its workers."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a process ended, e.g. `"was killed by SIGKILL (exit code -9)"`."""
+    if exitcode is None:
+        return "stopped responding"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name} (exit code {exitcode})"
+    return f"exited with code {exitcode}"
+
+
+def likely_causes(exitcode: int | None) -> str:
+    """What usually kills a loader's process this way, as loky says."""
+    if exitcode == -signal.SIGKILL:
+        return (
+            " Likely causes: the system ran out of memory (the OOM killer), "
+            "or the process was killed by hand."
+        )
+    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT):
+        return (
+            " Likely cause: a crash in native code called by the loader; "
+            "its stack is in the worker's output above (faulthandler)."
+        )
+    return ""

@@ -1,19 +1,19 @@
 """`PrefetchLoaderDataset`: a `LoaderDataset` that loads ahead in worker processes.
 
-The dataset glues three pieces together: the `Schedule` decides which batch
-each worker loads (schedule.py), the `WorkerPool` runs them (pool.py), and
-the dataset turns what comes back into batches or errors for the caller.
+The dataset holds the arguments, Keras's hooks, the lifecycle (first use,
+close, copies, forks) and the errors the caller sees. The engine that loads
+ahead is `engine.Prefetcher` (engine.py, which draws one read from `ds[i]`
+to a worker and back), over an executor: the local process pool
+(process_pool.py) unless the dataset is given another.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 import numbers
 import os
 import pickle
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -21,22 +21,19 @@ from typing import Any
 
 from keras_oom import stats as stats_module
 from keras_oom.dataset import LoaderDataset
+from keras_oom.engine import Prefetcher
 from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
-from keras_oom.pool import (
-    START_METHODS,
-    Arrived,
-    Event,
-    Joined,
-    Lost,
+from keras_oom.executor import Executor
+from keras_oom.launch import START_METHODS, default_start_method, pickle_setup
+from keras_oom.process_pool import ProcessPool
+from keras_oom.protocol import (
     Outcome,
-    WorkerPool,
     WorkerSetup,
-    default_start_method,
+    add_note,
     deferred_interrupts,
-    pickle_setup,
+    describe_ids,
 )
-from keras_oom.protocol import Load, add_note, describe_ids, pack_ids
-from keras_oom.schedule import Key, OrderWatch, ReReadCache, Schedule
+from keras_oom.schedule import Key
 from keras_oom.source import as_index
 from keras_oom.state import StateTracker, Update
 
@@ -96,6 +93,10 @@ class PrefetchLoaderDataset(LoaderDataset):
             database connection or a file that cannot be pickled. If it
             raises, the next read raises that exception, with the worker's
             traceback in its notes, and the dataset stops starting workers.
+        executor: What runs the workers: an unstarted executor
+            (`keras_oom.executor.Executor`). Each dataset, and each copy of
+            one, starts a copy of it at first use. `None` (the default): the
+            local pool of worker processes (`start_method` applies to it only).
         *args, **kwargs: Every other argument of `LoaderDataset`, by
             position (`loader`, `sample_ids`, `labels`) or by name
             (`sample_weights`, `batch_size`, `shuffle`, `seed`,
@@ -104,9 +105,11 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
-            a loader that cannot be pickled when workers are not forked.
+            a loader that cannot be pickled when workers are not forked, or
+            an `executor` that is not an `Executor`.
         ValueError: For a bad argument value, as for `LoaderDataset`, or for
-            `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, or
+            `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, a
+            `start_method` given with an `executor`, or
             Keras's own `workers` / `use_multiprocessing` /
             `max_queue_size` (the pool replaces them).
 
@@ -130,6 +133,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         timeout: float | None = None,
         start_method: str | None = None,
         worker_init: Callable[[int], Any] | None = None,
+        executor: Executor | None = None,
         **kwargs: Any,
     ) -> None:
         before = set(vars(self))  # a subclass's own attributes, set first
@@ -154,6 +158,20 @@ class PrefetchLoaderDataset(LoaderDataset):
                 f"`worker_init` must be callable, as worker_init(index). "
                 f"Received: worker_init={worker_init!r}"
             )
+        if executor is not None:
+            if not isinstance(executor, Executor):
+                raise TypeError(
+                    f"`executor` must implement keras_oom.executor.Executor "
+                    f"(start, submit, wait, take_events, ...), or be None. "
+                    f"Received: executor={executor!r}"
+                )
+            if start_method is not None:
+                raise ValueError(
+                    f"`start_method` is for the local pool only; an executor "
+                    f"starts its workers its own way. Received: "
+                    f"start_method={start_method!r} with executor={executor!r}"
+                )
+        self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
         per_epoch = self._plan.batches_per_epoch
@@ -166,8 +184,10 @@ class PrefetchLoaderDataset(LoaderDataset):
             )
             num_workers = per_epoch
         self._num_workers = num_workers
-        if type(self).load is LoaderDataset.load and (
-            (start_method or default_start_method()) != "fork"
+        if (
+            executor is None
+            and not self._load_overridden()
+            and (start_method or default_start_method()) != "fork"
         ):
             # Fail at construction where we can: the loader is known now.
             pickle_setup(self._worker_setup(), start_method or "subprocess")
@@ -175,31 +195,39 @@ class PrefetchLoaderDataset(LoaderDataset):
         # The dataset's own machinery: never loader state (see state.py).
         self._internal = frozenset(vars(self)) - before | {"_internal"}
 
+    # What `_init_runtime` builds: per process, never copied (`__getstate__`).
+    _RUNTIME = (
+        "_lock",
+        "_owner_pid",
+        "_engine",
+        "_closed",
+        "_reads",
+        "_final_stats",
+        "_finalizer",
+        "_state",
+        "_state_due",
+    )
+
     def _init_runtime(self) -> None:
-        """The per-process state: no pool until the dataset is first used."""
+        """The per-process state: no engine until the dataset is first used.
+
+        Sets exactly the attributes named in `_RUNTIME`.
+        """
         self._lock = threading.RLock()
         self._owner_pid = os.getpid()
-        self._pool: WorkerPool | None = None
-        self._schedule: Schedule | None = None
-        # Events taken from the pool and not yet applied to the schedule.
-        self._pending: collections.deque[Event] = collections.deque()
+        self._engine: Prefetcher | None = None
         self._closed = False
-        self._cache = ReReadCache()
-        self._order = OrderWatch()
         # Counted apart from the read lock: stats() never waits for a read.
         self._reads = stats_module.ReadStats()
         self._final_stats: dict[str, Any] | None = None
         self._finalizer: weakref.finalize | None = None
-        # Loader state between epochs (state.py): what workers have, whether
-        # to look again at the next read, and requests sent before a change,
-        # as (worker, key), whose batches must not be served.
+        # Loader state between epochs (state.py): what workers have, and
+        # whether to look again at the next read.
         self._state: StateTracker | None = None
         self._state_due = False
-        self._stale: set[tuple[int, Key]] = set()
-        self._stale_discarded = 0
 
     def _worker_setup(self) -> WorkerSetup:
-        if type(self).load is LoaderDataset.load:
+        if not self._load_overridden():
             assert self._loader is not None
             return WorkerSetup(self._loader, self._worker_init)
         # A subclass's load(): ship a copy of the dataset without its pool
@@ -238,25 +266,11 @@ class PrefetchLoaderDataset(LoaderDataset):
                 or unpickling its result raised. The next read is unaffected.
         """
         with self._lock:
-            pool = self._ensure_started()
+            engine = self._ensure_started()
             self._check_state()
             epoch, batch = self._locate(index)
             self._passes.read(self._global_index(epoch, batch))
-            key = (epoch, batch)
-            with deferred_interrupts():  # a copy that raises is a miss
-                hit, value = self._cache.get(key)
-            start = time.perf_counter()
-            if hit:
-                outcome = Outcome(value=value)
-                self._reads.hit()
-            else:
-                self._note_order(key)
-                outcome = self._fetch(key)
-                if outcome.error is None:
-                    with deferred_interrupts():  # one that cannot be copied
-                        self._cache.seen(key, outcome.value)
-            wait = time.perf_counter() - start
-            self._reads.delivered(wait, outcome.seconds, pool)
+            outcome = engine.get((epoch, batch))
         if outcome.error is not None:
             self._raise(outcome, epoch, batch)
         self._check_rows(outcome.value, epoch, batch)
@@ -305,8 +319,8 @@ class PrefetchLoaderDataset(LoaderDataset):
         batches afterwards raises `DatasetClosedError`; `stats()` still
         reports the final numbers.
         """
-        if os.getpid() == self._owner_pid and self._pool is not None:
-            self._final_stats = self._stats_now(self._pool)
+        if self._owns() and self._engine is not None:
+            self._final_stats = self._stats_now(self._engine)
         # Workers first, without the lock: a thread waiting in ds[i] for a
         # stuck loader holds it, and wakes up (DatasetClosedError) when the
         # pool closes.
@@ -314,10 +328,9 @@ class PrefetchLoaderDataset(LoaderDataset):
             self._finalizer()
         with self._lock:
             self._closed = True
-            self._pool = None
-            self._schedule = None
-            self._pending.clear()
-            self._cache.clear()
+            if self._engine is not None:
+                self._engine.forget()
+            self._engine = None
 
     @property
     def closed(self) -> bool:
@@ -341,7 +354,7 @@ class PrefetchLoaderDataset(LoaderDataset):
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers (starting them if needed)."""
         with self._lock:
-            return self._ensure_started().pids
+            return self._ensure_started().executor.pids
 
     def stats(self) -> dict[str, Any]:
         """Reports whether training waits for data, why, and what to do.
@@ -385,8 +398,8 @@ class PrefetchLoaderDataset(LoaderDataset):
 
         ```
         """
-        pool = self._pool
-        if pool is None:
+        engine = self._engine
+        if engine is None:
             if self._final_stats is not None:
                 return copy.deepcopy(self._final_stats)
             if self._closed:  # closed before it was ever used
@@ -396,25 +409,28 @@ class PrefetchLoaderDataset(LoaderDataset):
             if not self._lock.acquire(blocking=False):
                 return stats_module.empty_report(self._reads)
             try:
-                pool = self._ensure_started()
+                engine = self._ensure_started()
             finally:
                 self._lock.release()
-        return self._stats_now(pool)
+        return self._stats_now(engine)
 
-    def _stats_now(self, pool: WorkerPool) -> dict[str, Any]:
-        schedule = self._schedule
-        discarded = self._stale_discarded
-        if schedule is not None:
-            discarded += schedule.discarded
+    def _stats_now(self, engine: Prefetcher) -> dict[str, Any]:
         return stats_module.report(
-            self._reads, pool, num_workers=self._num_workers, discarded=discarded
+            self._reads,
+            engine.executor,
+            num_workers=self._num_workers,
+            discarded=engine.discarded,
         )
 
     # -- scheduling -----------------------------------------------------------
 
-    def _ensure_started(self) -> WorkerPool:
-        """The pool, started at first use; raises if it cannot serve."""
-        if os.getpid() != self._owner_pid:
+    def _owns(self) -> bool:
+        """Whether this process owns the workers (not a fork of the owner)."""
+        return os.getpid() == self._owner_pid
+
+    def _ensure_started(self) -> Prefetcher:
+        """The engine, started at first use; raises if it cannot serve."""
+        if not self._owns():
             raise RuntimeError(
                 f"This PrefetchLoaderDataset belongs to process {self._owner_pid}; "
                 f"this is process {os.getpid()}, a fork of it. Its workers "
@@ -425,129 +441,46 @@ class PrefetchLoaderDataset(LoaderDataset):
                 "This PrefetchLoaderDataset was closed: its worker processes "
                 "are gone. Build a new dataset to load more batches."
             )
-        if self._pool is not None:
-            self._pool.raise_if_broken()  # at once, even for a kept batch
-            return self._pool
+        if self._engine is not None:
+            self._engine.executor.raise_if_broken()  # at once, even if kept
+            return self._engine
         state = self._track_state()
-        pool = WorkerPool(
-            self._worker_setup(),
-            self._num_workers,
-            start_method=self._start_method,
-            timeout=self._timeout,
+        executor = self._new_executor()
+        engine = Prefetcher(
+            executor,
+            self._source,
+            num_workers=self._num_workers,
+            batches_per_epoch=self._plan.batches_per_epoch,
+            reads=self._reads,
+            state=state,
+            position_state=self._position_state,
         )
-        schedule = Schedule(self._num_workers, self._plan.batches_per_epoch)
-        # Deferred: a Ctrl-C here must leave either no pool (the next read
-        # starts one) or a pool that this dataset owns and will close.
+        # Deferred: a Ctrl-C here must leave either no engine (the next read
+        # starts one) or an engine that this dataset owns and will close.
         with deferred_interrupts():
-            pool.start()  # closes the pool if it raises
-            self._pool, self._schedule, self._state = pool, schedule, state
-            self._finalizer = weakref.finalize(self, pool.close)
-            self._apply(pool.take_events())
-        self._restart_window()
-        return pool
+            # The executor closes itself if its start raises.
+            engine.start(
+                self._worker_setup(),
+                timeout=self._timeout,
+                epoch=self._epoch,
+                start=self._start,
+            )
+            self._engine, self._state = engine, state
+            self._finalizer = weakref.finalize(self, executor.close)
+        return engine
+
+    def _new_executor(self) -> Executor:
+        """An unstarted executor: a copy of the one given, or a local pool."""
+        if self._executor is not None:
+            return copy.deepcopy(self._executor)
+        return ProcessPool(self._start_method)
 
     def _restart_window(self) -> None:
         """Loads ahead from what index 0 reads: batch `_start` of `_epoch`."""
-        if self._schedule is not None:
-            with deferred_interrupts():
-                self._schedule.restart(self._epoch)
-                if self._start:
-                    # The window follows the last request: make it index 0.
-                    self._schedule.request((self._epoch, self._start))
-                self._dispatch()
-
-    def _fetch(self, key: Key) -> Outcome:
-        """The outcome of `key`: waits for it, submitting it first if needed."""
-        pool, schedule = self._pool, self._schedule
-        assert pool is not None and schedule is not None
-        with deferred_interrupts():
-            pool.wait(0)  # what arrived meanwhile frees workers
-            self._apply(pool.take_events())
-            schedule.request(key)
-            self._dispatch()
-        done, outcome = schedule.take(key)
-        if done:
-            self._reads.hit()
-        while not done:
-            if not pool.expecting():
-                # The schedule waits for a batch no worker holds: a bug,
-                # which must fail loudly rather than spin.
-                raise RuntimeError(
-                    f"keras_oom internal error: batch {key} is wanted but no "
-                    f"worker is loading it (held: {schedule.held()}). Please "
-                    f"report this."
-                )
-            pool.wait()  # a Ctrl-C here leaves what it read in the pool
-            with deferred_interrupts():
-                self._apply(pool.take_events())
-                self._dispatch()
-            done, outcome = schedule.take(key)
-        with deferred_interrupts():
-            self._dispatch()  # the worker it came from starts on the next one
-        return outcome
-
-    def _apply(self, events: list[Event]) -> None:
-        """Applies `events` to the schedule, after any still pending.
-
-        Each event leaves the queue just as it is applied, so an exception
-        between two of them (none is expected: this runs with SIGINT
-        deferred) leaves the rest for the next call instead of losing them.
-        """
-        schedule, state = self._schedule, self._state
-        assert schedule is not None and state is not None
-        pending = self._pending
-        pending.extend(events)
-        while pending:
-            event = pending.popleft()
-            if isinstance(event, Joined):
-                schedule.add_worker(event.slot)
-                state.joined(event.slot)
-            elif isinstance(event, Arrived):
-                key = schedule.arrived(event.slot, event.outcome)
-                assert key == event.key, (key, event.key)
-                if (event.slot, key) in self._stale:
-                    self._stale.discard((event.slot, key))
-                    self._drop(key)
-            elif isinstance(event, Lost):
-                lost = schedule.lost(event.slot, event.outcome)
-                if lost is not None and (event.slot, lost) in self._stale:
-                    self._stale.discard((event.slot, lost))
-                    if event.outcome is not None:
-                        self._drop(lost)
-
-    def _dispatch(self) -> None:
-        """Sends idle workers the keys the schedule assigns them.
-
-        What the pool reported is applied first, so that the schedule only
-        assigns workers that the pool has idle. A request that cannot be
-        made (its ids do not pickle: an exception of any class) fails its
-        batch: that exception becomes the batch's outcome, raised when it is
-        read, and the worker, still idle, is given the next key.
-        """
-        pool, schedule, state = self._pool, self._schedule, self._state
-        assert pool is not None and schedule is not None and state is not None
-        self._apply(pool.take_events())
-        assignments = schedule.assign()
-        while assignments:
-            slot, key = assignments.pop(0)
-            try:
-                ids = pack_ids(self._source.ids(*key))
-                seed = self._source.seed_of(*key)
-            except BaseException as e:  # SIGINT is deferred: e is the ids'
-                add_note(
-                    e, "keras_oom: its sample ids could not be pickled for a worker"
-                )
-                schedule.arrived(slot, Outcome(error=e))
-                assignments += schedule.assign()
-                continue
-            # After the ids pickled: the updates count as sent from here.
-            updates = state.updates_for(slot) + self._position_state(key)
-            pool.submit(slot, Load(key, ids, [], seed, updates))
+        if self._engine is not None:
+            self._engine.restart(self._epoch, self._start)
 
     # -- loader state between epochs (state.py) -------------------------------
-
-    def _load_overridden(self) -> bool:
-        return type(self).load is not LoaderDataset.load
 
     def _track_state(self) -> StateTracker:
         """Fingerprints what workers are about to get, to see it change."""
@@ -572,24 +505,8 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def _discard_loaded(self) -> None:
         """Drops every batch loaded ahead, and those still loading."""
-        schedule = self._schedule
-        if schedule is None:
-            return
-        self._stale.update(schedule.held().items())
-        schedule.restart(-1)  # a window of no real batch: all arrived go
-        self._cache.clear()
-        self._restart_window()
-
-    def _drop(self, key: Key) -> None:
-        """Forgets the batch `key` that arrived from a stale request."""
-        schedule = self._schedule
-        assert schedule is not None
-        wanted = schedule.wanted == key
-        done, _ = schedule.take(key)
-        if done:
-            self._stale_discarded += 1
-        if wanted:
-            schedule.request(key)  # load it again, with the new state
+        if self._engine is not None:
+            self._engine.discard_loaded(self._epoch, self._start)
 
     def _position_state(self, key: Key) -> tuple[Update, ...]:
         """`_epoch` and `_start` as the dataset will have them when `key` is
@@ -603,27 +520,6 @@ class PrefetchLoaderDataset(LoaderDataset):
             (("attr", "_epoch"), pickle.dumps(epoch)),
             (("attr", "_start"), pickle.dumps(self._start)),
         )
-
-    def _note_order(self, key: Key) -> None:
-        last = self._order.last
-        expected = None
-        if last is not None:
-            expected = (last[0], last[1] + 1)
-            if expected[1] == self._plan.batches_per_epoch:
-                expected = (last[0] + 1, 0)
-        self._reads.note_order(key, last, expected)
-        if self._order.note(key, expected):
-            warnings.warn(
-                f"PrefetchLoaderDataset: batches are requested out of order "
-                f"(batch {key[1]} after batch {last[1] if last else None}), so "
-                f"its workers load batches that are not used next. Keras's "
-                f"fit() shuffles the batch order by default: call "
-                f"fit(..., shuffle=False) and build the dataset with "
-                f"shuffle=True (it shuffles samples, a better shuffle), or use "
-                f"repeat=True with steps_per_epoch=ds.batches_per_epoch.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def _raise(self, outcome: Outcome, epoch: int, batch: int) -> None:
         error = outcome.error
@@ -649,19 +545,7 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in (
-            "_lock",
-            "_pool",
-            "_schedule",
-            "_pending",
-            "_finalizer",
-            "_cache",
-            "_order",
-            "_reads",
-            "_final_stats",
-            "_state",
-            "_stale",
-        ):
+        for name in self._RUNTIME:  # rebuilt by _init_runtime
             state.pop(name, None)
         return state
 

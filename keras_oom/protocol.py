@@ -17,6 +17,15 @@ parent always knows which batch a worker holds. An exception crosses as an
 `ErrorPayload` and is rebuilt by `decode_error`, its encoder's neighbour here
 as in CPython's `concurrent.futures.process`.
 
+Beside the messages, what an executor tells the engine (executor.py): one
+event per thing that happened, in the parent, whichever executor runs the
+workers:
+
+    Joined(worker_index)                 ready for its first load
+    Arrived(worker_index, key, Outcome)  a load answered (a batch or an error)
+    Lost(worker_index, Outcome | None)   the worker is gone, with the error
+                                         for the load it held (None: resend)
+
 How failures travel: an exception of any class (`BaseException` included)
 raised while one batch is handled ends that batch, and only that batch:
 
@@ -51,13 +60,21 @@ This module runs in workers too: it imports neither Keras nor a backend.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
+
+
+class WorkerSetup(NamedTuple):
+    """What every worker needs before its first batch: sent once, at start."""
+
+    loader: Callable[..., Any]
+    worker_init: Callable[[int], Any] | None
 
 
 class Load(NamedTuple):
@@ -113,6 +130,56 @@ class RemoteTraceback(Exception):
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
 
+
+# -- what an executor reports to the engine (executor.py) ----------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How one batch ended: its value, or the error that replaced it.
+
+    Attributes:
+        value: The batch, as the loader returned it (None on error).
+        error: The exception that ends the batch instead, or None.
+        seconds: Wall time of the loader call, in seconds (0 if unknown).
+        pid: Process id of the worker that ran it (0 if none did).
+    """
+
+    value: Any = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+    pid: int = 0
+
+
+class Arrived(NamedTuple):
+    """Worker `worker_index` answered its load of `key` with `outcome`; it
+    is idle again."""
+
+    worker_index: int
+    key: Any
+    outcome: Outcome
+
+
+class Lost(NamedTuple):
+    """Worker `worker_index` is gone. If it held a load, `outcome` ends that
+    load with an error (`WorkerDiedError`, `WorkerTimeoutError`), or is None:
+    the load never started, send it again. Which load it held is the
+    engine's to know (the schedule stores it), not the event's."""
+
+    worker_index: int
+    outcome: Outcome | None
+
+
+class Joined(NamedTuple):
+    """Worker `worker_index` is ready for its first load."""
+
+    worker_index: int
+
+
+Event = Arrived | Lost | Joined
+
+
+# -- errors across the process boundary -----------------------------------------
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -241,14 +308,20 @@ def _headline(e: BaseException) -> str:
         name = f"{type(e).__module__}.{type(e).__qualname__}"
     except BaseException:
         name = "<exception>"
-    return f"{name}: {_safe_str(e)}"
+    return f"{name}: {safe_str(e)}"
 
 
-def _safe_str(e: BaseException) -> str:
+def safe_str(e: BaseException) -> str:
+    """`str(e)`, or a stand-in naming its class when that raises; never raises."""
     try:
         return str(e)
     except BaseException:
         return f"<{type(e).__name__}: str() failed>"
+
+
+def describe_error(e: BaseException) -> str:
+    """`"Type: message"` for a message of ours; never raises."""
+    return f"{type(e).__name__}: {safe_str(e)}"
 
 
 def add_note(exc: BaseException, note: str) -> bool:
@@ -317,8 +390,7 @@ def describe_id(sample_id: Any) -> str:
         return f"<{type(sample_id).__name__}>"
 
 
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+class deferred_interrupts:  # noqa: N801  (used as a function: `with deferred_interrupts():`)
     """Holds SIGINT back until the block ends, then delivers it.
 
     Python raises KeyboardInterrupt between any two bytecodes; inside a
@@ -328,22 +400,31 @@ def deferred_interrupts() -> Iterator[None]:
     the block calls (a loader's exception being rebuilt, a `__repr__`), so
     the error paths here may catch every class without swallowing Ctrl-C.
     Only the main thread receives signals, so elsewhere this does nothing.
+
+    A class, not a `contextlib.contextmanager`: an exception that leaves the
+    block passes through untouched, whatever its class refuses (the
+    generator form sets its `__traceback__`, which a frozen dataclass
+    exception refuses, replacing it with `FrozenInstanceError`).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None or previous is signal.SIG_IGN:
-        yield
-        return
-    received: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
+
+    def __enter__(self) -> None:
+        self._previous: Any = None
+        self._received: list[Any] = []
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is None or previous is signal.SIG_IGN:
+            return
+        self._previous = previous
+        signal.signal(signal.SIGINT, lambda signum, frame: self._received.append(frame))
+
+    def __exit__(self, *exc_info: object) -> None:
+        previous = self._previous
+        if previous is None:
+            return
         signal.signal(signal.SIGINT, previous)
-        if received:
+        if self._received:
             if callable(previous):
-                previous(signal.SIGINT, received[0])
+                previous(signal.SIGINT, self._received[0])
             else:  # SIG_DFL
                 os.kill(os.getpid(), signal.SIGINT)

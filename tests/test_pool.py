@@ -25,8 +25,16 @@ import numpy as np
 import pytest
 
 import keras_oom
-from keras_oom import DatasetClosedError, PrefetchLoaderDataset, WorkerDiedError
-from keras_oom import pool as pool_module
+from keras_oom import (
+    DatasetClosedError,
+    PrefetchLoaderDataset,
+    WorkerDiedError,
+    launch,
+    processes,
+)
+from keras_oom import process_pool as pool_module
+from keras_oom.executor import MAX_START_FAILURES
+from keras_oom.protocol import WorkerSetup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,7 +100,7 @@ def test_batch_that_does_not_unpickle_is_named_and_rereading_it_does_not_hang():
 def test_replacement_that_cannot_be_forked_breaks_the_pool_instead_of_spinning(
     monkeypatch,
 ):
-    original = pool_module.WorkerPool._start_worker
+    original = launch.Launcher.start
     starts = []
 
     def start_worker(self, *args, **kwargs):
@@ -101,7 +109,7 @@ def test_replacement_that_cannot_be_forked_breaks_the_pool_instead_of_spinning(
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(pool_module.WorkerPool, "_start_worker", start_worker)
+    monkeypatch.setattr(launch.Launcher, "start", start_worker)
     ds = PrefetchLoaderDataset(
         faulty({2: "exit3"}),
         np.arange(8),
@@ -131,7 +139,7 @@ def test_unpicklable_loader_when_the_default_switches_to_subprocess(monkeypatch)
     # Fork is safe when the workers start; then (as when JAX starts) it is
     # not, and the replacement of a dead worker needs the loader pickled.
     fork_is_safe = [True]
-    monkeypatch.setattr(pool_module, "_fork_is_safe", lambda: fork_is_safe[0])
+    monkeypatch.setattr(launch, "_fork_is_safe", lambda: fork_is_safe[0])
     lock = threading.Lock()  # cloudpickle cannot pickle a lock
 
     def loader(ids):
@@ -294,7 +302,7 @@ def test_close_from_another_thread_during_a_replacement_releases_once(
     """Issue 8.16, and Kind D (issue 14.6): close() from another thread while
     the owner replaces a dead worker releases each worker once, and ends
     every process the pool started, the replacement's included."""
-    handle_class = pool_module._Process
+    handle_class = processes.Process
     closes: collections.Counter[int] = collections.Counter()
     original_close, original_join = handle_class.close, handle_class.join
 
@@ -310,7 +318,7 @@ def test_close_from_another_thread_during_a_replacement_releases_once(
         start_method="subprocess",
     )
     assert len(ds.worker_pids) == 2  # started
-    pool = ds._pool
+    pool = ds._engine.executor
     closer_errors: list[BaseException] = []
     closer = threading.Thread(
         target=lambda: _capture(ds.close, closer_errors), name="closer"
@@ -389,7 +397,7 @@ def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
     ) as ds:
         ds[0]
         ds[1]  # both kept for a re-read (TensorFlow's pattern)
-        ds._pool._break(RuntimeError("no more workers"))
+        ds._engine.executor._break(RuntimeError("no more workers"))
         for i in (0, 1, 2):
             with pytest.raises((RuntimeError, keras_oom.WorkerStartError)):
                 ds[i]
@@ -427,7 +435,7 @@ elif setup == "ended-python-thread":
 print("THREADS", len(os.listdir("/proc/self/task")), flush=True)
 
 from keras_oom import PrefetchLoaderDataset
-from keras_oom.pool import default_start_method
+from keras_oom.launch import default_start_method
 
 print("METHOD", default_start_method(), flush=True)
 with PrefetchLoaderDataset(loader, np.arange(8), batch_size=4, num_workers=1,
@@ -694,7 +702,7 @@ def test_workers_that_die_before_ready_are_ended(started):
         read_until_start_error(ds)
     finally:
         ds.close()
-    assert len(started) >= pool_module.MAX_START_FAILURES
+    assert len(started) >= MAX_START_FAILURES
     assert_ended(started)
 
 
@@ -756,10 +764,12 @@ def test_close_while_workers_start_ends_every_worker(started, start_method):
     """Kind D: `close()` from another thread while the pool is starting its
     workers (the engine alone, without Keras): every worker started before,
     during or after the close is ended."""
-    setup = pool_module.WorkerSetup(_procs.ids_loader, None)
-    pool = pool_module.WorkerPool(setup, 4, start_method=start_method)
+    setup = WorkerSetup(_procs.ids_loader, None)
+    pool = pool_module.ProcessPool(start_method)
     errors: list[BaseException] = []
-    starter = threading.Thread(target=lambda: _capture(pool.start, errors))
+    starter = threading.Thread(
+        target=lambda: _capture(lambda: pool.start(setup, 4), errors)
+    )
     starter.start()
     deadline = time.monotonic() + 20
     while not started and time.monotonic() < deadline:
@@ -941,7 +951,7 @@ def test_fork_hazards_count_a_running_python_thread_and_forget_an_ended_one():
     try:
         found = [h for h in fork_hazards() if "Python thread" in h]
         assert len(found) == 1 and "held-lock-thread" in found[0], found
-        assert pool_module.default_start_method() == "subprocess"
+        assert launch.default_start_method() == "subprocess"
     finally:
         release.set()
         thread.join(10)

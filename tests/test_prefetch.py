@@ -287,10 +287,10 @@ def test_rereads_of_the_first_batches_are_served_once_per_epoch(tmp_path):
             first = [ds[0], ds[1]]
             np.testing.assert_array_equal(ds[0], first[0])  # a re-read
             np.testing.assert_array_equal(ds[1], first[1])
-            assert len(ds._cache) <= 2
+            assert len(ds._engine.cache) <= 2
             ds.on_epoch_end()
         ds[0]
-        assert len(ds._cache) == 1  # the old epoch's copies are gone
+        assert len(ds._engine.cache) == 1  # the old epoch's copies are gone
     loads = [tuple(sorted(line)) for line in _procs.read_log(log)]
     # The re-reads did not load again: no batch was loaded twice.
     assert len(loads) == len(set(loads)), loads

@@ -618,7 +618,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 from keras_oom import PrefetchLoaderDataset
-from keras_oom.pool import default_start_method
+from keras_oom.launch import default_start_method
 
 jnp.ones((8, 8)).sum().block_until_ready()  # the JAX backend now runs
 print("METHOD", default_start_method(), flush=True)

@@ -23,6 +23,7 @@ from keras_oom.protocol import (
     RemoteTraceback,
     add_note,
     decode_error,
+    deferred_interrupts,
     describe_ids,
     encode_error,
     pack_ids,
@@ -286,3 +287,14 @@ def test_pack_ids_round_trips_and_raises_what_pickling_raises(tmp_path):
     faulty[0] = _faults.FaultyId(1, fault)
     with pytest.raises(KeyboardInterrupt, match="does not pickle"):
         pack_ids(faulty)
+
+
+def test_deferred_interrupts_lets_a_frozen_exception_leave_unchanged():
+    """Kind C: an exception of a class that refuses attribute changes (a
+    frozen dataclass) leaves a `deferred_interrupts` block as itself, not
+    replaced by the `FrozenInstanceError` of a context manager that sets
+    its `__traceback__`."""
+    error = _faults.make("FrozenError", "raised in the block")
+    with pytest.raises(type(error)) as info, deferred_interrupts():
+        raise error
+    assert info.value is error

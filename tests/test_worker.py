@@ -160,10 +160,10 @@ def test_forked_worker_holds_no_parent_end_of_any_worker_socket():
     ) as ds:
         for i in range(len(ds)):  # every worker has loaded a batch: it runs
             ds[i]
-        pool = ds._pool
+        pool = ds._engine.executor
         parent_ends = {
             os.readlink(f"/proc/self/fd/{w.conn.fileno()}")
-            for w in pool._slots
+            for w in pool._workers
             if w is not None
         }
         assert len(parent_ends) == 3

@@ -1,0 +1,137 @@
+"""What the engine needs from whatever runs loaders: the executor interface.
+
+The engine (`engine.Prefetcher`) decides which batch each worker loads; an
+executor runs the workers and reports what happened. The local process pool
+(`process_pool.ProcessPool`) is the first executor; a remote one (Ray
+actors) plugs in behind the same methods, without engine changes. It is as
+small as `concurrent.futures.Executor`, with events in place of futures,
+because the engine must know which worker is free, not only which result
+is ready.
+
+    engine                                executor        events
+      start(setup, num_workers, timeout) -> starts each  -> Joined(w)
+      submit(w, Load)                    -> w loads it   -> Arrived(w, key, Outcome)
+                                                            or Lost(w, Outcome | None)
+      wait(timeout); take_events()       <- the events, oldest first
+      kill(w); close()                   -> ends one worker; ends all
+
+The contract:
+
+- Worker indexes are `range(num_workers)`. A worker is *idle* after its
+  `Joined` and after each `Arrived`; the engine submits one `Load` only to
+  an idle worker, and a submitted load ends in exactly one `Arrived` (its
+  batch, or the loader's error as the outcome's error) or one `Lost` (the
+  worker is gone: the outcome carries a `WorkerDiedError` or
+  `WorkerTimeoutError` for the load, or is None when the load never started
+  and must be sent again). A worker lost while idle reports `Lost(w, None)`.
+- Events are kept by the executor until `take_events()` takes them, so a
+  Ctrl-C between the moment `wait()` read a reply and the moment the engine
+  applied it cannot lose it: the next `take_events()` returns it.
+- The executor restarts lost workers itself, under the same index (each new
+  worker reports `Joined`), pausing between failed starts (0.05 s, doubled
+  each time). `MAX_START_FAILURES` failed starts of one index in a row, or a
+  failure that cannot change (the loader does not pickle, `worker_init`
+  raised), break it: `raise_if_broken()` raises what broke it once, then a
+  `WorkerStartError` caused by it, and so do `submit` and `wait`.
+- `timeout` (seconds per load, or None) is the executor's to enforce: a load
+  that outlives it ends its worker (`kill`) and its `Lost` carries a
+  `WorkerTimeoutError`.
+- `wait(timeout)` returns when there are events to take, when `timeout`
+  seconds pass, or at once when `expecting()` is False (nothing in flight,
+  nothing to restart): the engine never waits for nothing.
+- `close()` is idempotent and may come from any thread (a finalizer, a
+  second thread) while the owner waits: the waiter wakes with
+  `DatasetClosedError`, and nothing the executor started outlives `close()`.
+  In a fork of the owning process it only lets go of what it inherited.
+- All other methods are called by one thread at a time (the engine's lock).
+
+An executor with several loads in flight per remote worker (a Ray actor
+with `in_flight=2`) exposes `num_workers * in_flight` worker indexes to the
+engine, index `w` running on remote worker `w // in_flight`; when a remote
+worker is lost, each of its indexes reports its own `Lost`, and each
+`Joined` again once it is back. The engine then keeps every index busy as
+it would keep a local process busy: nothing in it changes.
+
+`worker_stats()`, `pids`, `started_at` and `retired_cpu_seconds` feed
+`stats()` (stats.py); an executor whose workers have no local pid reports
+the remote one, or 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from keras_oom.protocol import Event, Load, WorkerSetup
+
+# Failed starts of one worker index in a row before an executor gives up,
+# and the pause before the first retry (doubled each time).
+MAX_START_FAILURES = 3
+RETRY_PAUSE = 0.05
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs a dataset's loader in workers; see the module docstring.
+
+    Built unstarted, with only its own options; `start` is called once.
+    """
+
+    started_at: float  # time.perf_counter() when start() began
+    retired_cpu_seconds: float  # CPU seconds of workers that are gone
+
+    def start(
+        self, setup: WorkerSetup, num_workers: int, *, timeout: float | None = None
+    ) -> None:
+        """Starts `num_workers` workers with `setup`; `Joined` for each.
+
+        Raises:
+            WorkerStartError: (or the error that broke it) If it is broken
+                at once; it is then closed.
+        """
+        ...
+
+    def submit(self, worker_index: int, load: Load) -> None:
+        """Sends `load` to idle worker `worker_index`; its end comes as an
+        event. Raises `DatasetClosedError` or what broke the executor."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Blocks until there are events, `timeout` seconds pass, or nothing
+        is expected. Raises `DatasetClosedError` if closed meanwhile."""
+        ...
+
+    def take_events(self) -> list[Event]:
+        """The events not yet taken, oldest first."""
+        ...
+
+    def expecting(self) -> bool:
+        """Whether `wait()` has anything to wait for."""
+        ...
+
+    def kill(self, worker_index: int) -> None:
+        """Ends worker `worker_index` now; it is reported `Lost` and
+        restarted like any worker that died."""
+        ...
+
+    def close(self) -> None:
+        """Ends every worker; idempotent, from any thread."""
+        ...
+
+    def raise_if_broken(self) -> None:
+        """Raises what broke the executor, if anything did."""
+        ...
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per live worker: `index` (its worker index), `pid`, `batches`,
+        `busy_seconds`, `cpu_seconds`."""
+        ...
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+        ...

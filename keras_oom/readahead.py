@@ -1,0 +1,96 @@
+"""Caller-side read-ahead policy: re-reads of an epoch's first batches, and
+reads out of order. Used by the engine (engine.py); no processes, no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+from keras_oom.schedule import Key
+
+
+class ReReadCache:
+    """Copies of an epoch's first batches, for a caller that reads them twice.
+
+    TensorFlow's adapter reads batches 0 and 1 to infer shapes, then reads
+    them again to train; JAX's trainer reads batch 0 before the epoch. This
+    serves such a re-read of the same `(epoch, batch)` without loading it
+    again. It holds at most `size` batches, all of one epoch, and forgets
+    them once the caller reads past them or moves to another epoch.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._kept: dict[Key, Any] = {}
+
+    def get(self, key: Key) -> tuple[bool, Any]:
+        """`(True, a copy of the value)` if `key` was kept, else `(False, None)`.
+
+        A value whose copy raises (any class) is forgotten: a miss, loaded
+        again. Call it with SIGINT deferred, so that Ctrl-C is not taken
+        for such a copy.
+        """
+        if key in self._kept:
+            try:
+                return True, copy.deepcopy(self._kept[key])
+            except BaseException:
+                del self._kept[key]
+        return False, None
+
+    def seen(self, key: Key, value: Any) -> None:
+        """Notes that `value`, batch `key`, was handed out.
+
+        A copy of `value` is kept if it is one of the epoch's first `size`
+        batches (a copy: the caller may change the batch in place); reading
+        any other batch lets every kept one go. A value whose copy raises
+        (any class) is not kept; call it with SIGINT deferred, as `get`.
+        """
+        if key[1] >= self.size or any(k[0] != key[0] for k in self._kept):
+            self._kept.clear()
+        if key[1] < self.size:
+            with contextlib.suppress(BaseException):  # it cannot be copied
+                self._kept[key] = copy.deepcopy(value)
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+class OrderWatch:
+    """Tells when the caller reads batches out of order, defeating prefetch.
+
+    One jump (a peek at `ds[5]`) is fine; `after` out-of-order reads in one
+    epoch are a shuffled batch order (Keras's `fit(shuffle=True)`).
+    """
+
+    def __init__(self, after: int = 2) -> None:
+        self.after = after
+        self._last: Key | None = None
+        self._count = (0, 0)  # (epoch, out-of-order reads in it)
+        self.warned = False
+
+    def note(self, key: Key, expected_next: Key | None) -> bool:
+        """Records a read of `key`; True once, when the warning is due.
+
+        Args:
+            key: The key read now.
+            expected_next: The key that follows the previous read.
+        """
+        last, self._last = self._last, key
+        if last is None or key in (last, expected_next) or key[1] == 0:
+            return False
+        epoch, count = self._count
+        count = count + 1 if epoch == key[0] else 1
+        self._count = (key[0], count)
+        if count >= self.after and not self.warned:
+            self.warned = True
+            return True
+        return False
+
+    @property
+    def last(self) -> Key | None:
+        return self._last

@@ -1,0 +1,135 @@
+"""The executor contract (keras_oom/executor.py), run against the local pool.
+
+Each test takes an unstarted executor from the `executor` fixture and checks
+one clause of the contract through the interface alone, so that another
+executor (Ray actors, issue 17) reuses them by adding itself to the
+fixture's parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import _procs
+import numpy as np
+import pytest
+
+from keras_oom import DatasetClosedError, WorkerDiedError
+from keras_oom.executor import Executor
+from keras_oom.process_pool import ProcessPool
+from keras_oom.protocol import Arrived, Joined, Load, Lost, WorkerSetup, pack_ids
+
+pytestmark = pytest.mark.timeout(60)
+
+SETUP = WorkerSetup(_procs.ids_loader, None)
+
+
+@pytest.fixture(params=["fork", "subprocess"])
+def executor(request):
+    """An unstarted executor; closed after the test, whatever happens."""
+    made = ProcessPool(request.param)
+    yield made
+    made.close()
+
+
+def load(key, ids):
+    return Load(key, pack_ids(np.asarray(ids)), [], (0, key[0], key[1]), ())
+
+
+def events_until(executor, done, seconds=30.0):
+    """Waits on `executor` until `done(events)`, with a deadline; returns
+    every event taken meanwhile."""
+    events: list = []
+    deadline = time.monotonic() + seconds
+    while not done(events):
+        left = deadline - time.monotonic()
+        assert left > 0, f"no such events within {seconds} s: {events}"
+        executor.wait(min(left, 1.0))
+        events += executor.take_events()
+    return events
+
+
+def joined(events):
+    return sorted(e.worker_index for e in events if isinstance(e, Joined))
+
+
+def test_the_local_pool_implements_the_interface(executor):
+    assert isinstance(executor, Executor)
+
+
+def test_start_reports_one_joined_per_worker_index(executor):
+    executor.start(SETUP, 3)
+    events = executor.take_events()
+    assert joined(events) == [0, 1, 2]
+    assert len(executor.pids) == 3
+    assert [w["index"] for w in executor.worker_stats()] == [0, 1, 2]
+
+
+def test_each_submitted_load_ends_in_exactly_one_arrived(executor):
+    executor.start(SETUP, 2)
+    executor.take_events()
+    executor.submit(0, load((0, 0), [1, 2]))
+    executor.submit(1, load((0, 1), [3]))
+    events = events_until(
+        executor, lambda ev: len([e for e in ev if isinstance(e, Arrived)]) == 2
+    )
+    arrived = {e.worker_index: e for e in events if isinstance(e, Arrived)}
+    assert arrived[0].key == (0, 0) and arrived[1].key == (0, 1)
+    np.testing.assert_array_equal(arrived[0].outcome.value["n"], [7, 14])
+    np.testing.assert_array_equal(arrived[1].outcome.value["n"], [21])
+    assert not executor.expecting()  # nothing in flight: wait() returns at once
+    executor.wait()
+    assert executor.take_events() == []
+
+
+def test_a_killed_busy_worker_ends_its_load_in_lost_and_is_restarted(executor):
+    stuck = functools.partial(_procs.faulty_loader, actions={1: "sleep"})
+    executor.start(WorkerSetup(stuck, None), 1)
+    executor.take_events()
+    executor.submit(0, load((0, 0), [0]))  # a first batch: the worker serves
+    events_until(executor, lambda ev: any(isinstance(e, Arrived) for e in ev))
+    executor.submit(0, load((0, 1), [1]))  # loads for a minute
+    executor.kill(0)
+    events = events_until(executor, lambda ev: any(isinstance(e, Joined) for e in ev))
+    assert [type(e) for e in events] == [Lost, Joined], events
+    assert isinstance(events[0].outcome.error, WorkerDiedError)
+    assert events[0].worker_index == events[1].worker_index == 0
+
+
+def test_close_from_another_thread_wakes_a_waiter_with_dataset_closed(executor):
+    stuck = functools.partial(_procs.faulty_loader, actions={1: "sleep"})
+    executor.start(WorkerSetup(stuck, None), 1)
+    executor.take_events()
+    executor.submit(0, load((0, 0), [1]))  # loads for a minute
+    executor.take_events()
+    errors: list[BaseException] = []
+    waiting = threading.Event()
+
+    def waiter():
+        waiting.set()
+        try:
+            while True:
+                executor.wait()
+                executor.take_events()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert waiting.wait(10)
+    executor.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], DatasetClosedError), errors
+
+
+def test_close_is_idempotent_and_ends_every_worker(executor):
+    executor.start(SETUP, 2)
+    pids = executor.pids
+    executor.close()
+    executor.close()
+    assert executor.closed and executor.pids == []
+    assert len(pids) == 2
+    assert _procs.wait_gone(pids) == []
