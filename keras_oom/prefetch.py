@@ -84,8 +84,12 @@ class PrefetchLoaderDataset(LoaderDataset):
             `float("inf")`) to wait without limit.
         start_method: How to start workers: `"fork"`, `"subprocess"` (a fresh
             interpreter), `"spawn"` or `"forkserver"`. `None` forks while that
-            is safe and starts fresh interpreters once JAX, TensorFlow or CUDA
-            has started threads; see docs/pool.md.
+            is safe and starts fresh interpreters once it is not: JAX,
+            TensorFlow or CUDA started, another Python thread running, or a
+            native thread pool that does not survive a fork (GNU OpenMP's,
+            as torch and scikit-learn use; OpenBLAS's is safe), as the OS
+            lists the process's threads; see docs/pool.md. An explicit
+            `"fork"` forks anyway and warns, naming what it found.
         worker_init: Optional callable run once in each worker process, as
             `worker_init(index)` with the worker's index in
             `range(num_workers)`, before its first batch (a replacement takes
