@@ -434,15 +434,15 @@ class RayExecutor:
     def _handle(self, ready: list[Any]) -> None:
         """Applies every finished setup, then every finished load, each
         actor's in the order they were sent."""
-        setups = [r for r in ready if r in self._setups]
+        for ref in [r for r in ready if r in self._setups]:
+            self._setup_done(ref)
+        # After the setups: an actor lost while starting took its loads.
         loads = [r for r in ready if r in self._by_ref]
 
         def order(ref: Any) -> tuple[int, int]:
             pending = self._loads[self._by_ref[ref]]
             return pending.actor.slot, pending.actor.queue.index(self._by_ref[ref])
 
-        for ref in setups:
-            self._setup_done(ref)
         for ref in sorted(loads, key=order):
             if ref in self._by_ref:  # not lost with its actor meanwhile
                 self._load_done(ref)

@@ -181,3 +181,15 @@ def die_on(ids, ids_to_die, marker_dir=None):
                 marker.write_text("died")
             os._exit(7)
     return np.asarray(ids) * 2
+
+
+def exit_init(index: int) -> None:
+    """A worker_init that ends its process: the actor dies while starting."""
+    os._exit(3)
+
+
+def slow_pid_loader(ids, seconds=0.05):
+    """Ids times 2, and the pid of the process that loaded them."""
+    time.sleep(seconds)
+    ids = np.asarray(ids)
+    return {"x": ids * 2, "pid": np.full(len(ids), os.getpid(), np.int64)}
