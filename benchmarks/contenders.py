@@ -585,6 +585,13 @@ class RayPool(Pool):
             executor=RayExecutor(num_cpus=1, in_flight=2),
         )
 
+    def teardown(self) -> dict[str, float]:
+        out = super().teardown()  # closes the dataset: kills its actors
+        import ray
+
+        ray.shutdown()  # the instance preload() started, not the dataset's
+        return out
+
 
 CONTENDERS: list[type[Contender]] = [
     Serial,

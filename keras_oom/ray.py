@@ -138,11 +138,11 @@ class RayExecutor:
     in `range(num_workers)`. Results arrive through Ray's object store as
     read-only NumPy arrays, without a copy.
 
-    If Ray is not initialised, the first start calls `ray.init()`, as Ray's
-    own libraries (Ray Data, Ray Train) do: it connects to the cluster in
-    `RAY_ADDRESS` or started with `ray start`, else starts a local one. Ray
-    must be installed (`pip install "keras-oom[ray]"`), and keras-oom and
-    what the loader imports must be importable on every node.
+    If Ray is not initialised, the first start calls `ray.init()`, as Ray
+    itself does at the first use of its remote API: it connects to the
+    cluster in `RAY_ADDRESS` or started with `ray start`, else starts a
+    local one. Ray must be installed (`pip install "keras-oom[ray]"`), and
+    keras-oom and what the loader imports must be importable on every node.
 
     Args:
         num_cpus: CPUs Ray reserves for each actor (a number >= 0,
@@ -268,7 +268,7 @@ class RayExecutor:
         self._failures = [0] * num_workers
         try:
             if not ray.is_initialized():
-                ray.init()  # as Ray Data and Ray Train do
+                ray.init()  # as Ray's own APIs do at their first use
             self._ray = ray
             with contextlib.suppress(Exception):
                 self._local_node = ray.get_runtime_context().get_node_id()

@@ -391,6 +391,35 @@ def test_at_most_num_workers_times_in_flight_batches_are_held():
     assert most == 2 * 2
 
 
+def test_a_copy_of_a_started_dataset_starts_actors_of_its_own():
+    """Kind: clean. The executor pickles as its options only: a copy of a
+    running dataset starts its own actors, and closing one leaves the other."""
+    import copy
+    import pickle
+
+    template = executor(in_flight=2, actor_options={"memory": 1 << 20})
+    restored = pickle.loads(pickle.dumps(template))
+    assert repr(restored) == repr(template)
+    ds = PrefetchLoaderDataset(
+        _ray_loaders.pid_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=1,
+        executor=template,
+    )
+    with ds:
+        first = ds[0]
+        twin = copy.deepcopy(ds)
+        with twin:
+            assert twin[0][0] != first[0]  # another actor's pid
+            assert len(_ray_loaders.alive_actors()) == 2
+        deadline = time.monotonic() + 10
+        while len(_ray_loaders.alive_actors()) != 1:  # the twin's is killed
+            assert time.monotonic() < deadline, _ray_loaders.alive_actors()
+            time.sleep(0.05)
+        np.testing.assert_array_equal(ds[1], first)  # still the first actor
+
+
 def test_close_with_and_garbage_collection_kill_the_actors():
     """Kind: clean. close(), the with block and gc end this dataset's actors;
     Ray itself stays up."""
