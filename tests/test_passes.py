@@ -39,17 +39,6 @@ pytestmark = pytest.mark.timeout(120)
 
 CLASSES = [LoaderDataset, PrefetchLoaderDataset]
 
-# Known gap (issue 14, item 8, open): on the TensorFlow backend, tf.data's
-# generator reads ahead across Keras's epochs, so a pass that a `fit` leaves
-# unfinished, a resume through SyncEpoch with a smaller steps_per_epoch, and
-# validation on the training dataset mid-pass do not yet follow the stream
-# these tests expect. Not strict: some cases pass by the read-ahead's timing.
-TF_STREAM_GAP = pytest.mark.xfail(
-    keras.backend.backend() == "tensorflow",
-    reason="issue 14 item 8 on TensorFlow: tf.data reads ahead across epochs",
-    strict=False,
-)
-
 
 def features(ids):
     return np.asarray(ids, dtype="float32")[:, None] / 100.0
@@ -240,49 +229,39 @@ def test_a_shard_is_a_pass_of_its_own(cls):
     assert ds.epoch == 2
 
 
-@TF_STREAM_GAP
 @pytest.mark.parametrize("cls", CLASSES)
 def test_validation_on_the_training_dataset_mid_pass(cls):
     """Kind E: evaluate between Keras epochs reads the dataset from its first
     batch; it must neither end nor restart the training pass."""
-    ds = recording(cls, 12, batch_size=2, shuffle=True, seed=1)
+    cfg = {"batch_size": 2, "shuffle": True, "seed": 1}
+    ds = recording(cls, 12, **cfg)
     val = LoaderDataset(features, np.arange(12), np.arange(12), batch_size=4)
     try:
-        m = model()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m.fit(
-                ds,
-                validation_data=ds,
-                epochs=6,
-                steps_per_epoch=2,
-                shuffle=False,
-                verbose=0,
-            )
-            start = len(ds.reads)
-            m.evaluate(val, verbose=0)
+        m = fit(ds, validation_data=ds, epochs=6, steps_per_epoch=2)
+        m.evaluate(val, verbose=0)
     finally:
         close(ds)
-    # Training reads are the ones outside each validation; validation reads
-    # the 6 batches of the current epoch after every 2 training batches.
-    training = [r for i, r in enumerate(ds.reads[:start]) if i % 8 < 2]
-    assert training == stream(12, 2, batch_size=2, shuffle=True, seed=1)
+    epochs = stream(12, 3, **cfg)
+    assert m.trained == epochs[:12]
     assert ds.epoch == 2
+    # Each validation reads the 6 batches of the epoch training is in (the
+    # pass of Keras epochs 0-2 is over once epoch 2 has trained).
+    current = [0, 0, 1, 1, 1, 2]
+    assert m.tested[:36] == [b for e in current for b in epochs[6 * e : 6 * e + 6]]
 
 
-@TF_STREAM_GAP
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_pass_left_unfinished_ends_when_the_next_fit_starts(cls):
     """Kind E: the next fit starts a fresh pass of the next epoch."""
     ds = recording(cls, 20, batch_size=2, shuffle=True, seed=2)
     try:
-        fit(ds, epochs=3, steps_per_epoch=2)  # 6 of 10 batches
+        first = fit(ds, epochs=3, steps_per_epoch=2)  # 6 of 10 batches
         assert ds.epoch == 0
-        fit(ds, epochs=5, steps_per_epoch=2)
+        second = fit(ds, epochs=5, steps_per_epoch=2)
     finally:
         close(ds)
     expected = stream(20, 2, batch_size=2, shuffle=True, seed=2)
-    assert ds.reads == expected[:6] + expected[10:]
+    assert first.trained + second.trained == expected[:6] + expected[10:]
     assert ds.epoch == 2
 
 
@@ -401,23 +380,18 @@ def test_every_pass_yields_every_sample_once_prefetch_dataset(run):
 def resumed_reads(cls, n, initial_epoch, epochs, steps, **cfg):
     ds = recording(cls, n, **cfg)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model().fit(
-                ds,
-                epochs=epochs,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps,
-                shuffle=False,
-                verbose=0,
-                callbacks=[SyncEpoch(ds)],
-            )
+        m = fit(
+            ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=[SyncEpoch(ds)],
+        )
     finally:
         close(ds)
-    return ds.reads
+    return m.trained
 
 
-@TF_STREAM_GAP
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize(
     ("n", "steps", "repeat"),
@@ -461,20 +435,17 @@ def test_sync_epoch_warns_when_a_resume_cannot_match():
     assert ds.reads[:3] == full[3:6]
 
 
-@TF_STREAM_GAP
 def test_sync_epoch_sets_a_validation_dataset_to_every_keras_epoch():
     """Kind E: a validation dataset reads a whole pass per Keras epoch, so it
     follows Keras's epoch index even when training's passes are longer."""
     train = recording(LoaderDataset, 20, batch_size=2, shuffle=True, seed=5)
     val = recording(LoaderDataset, 8, batch_size=4, shuffle=True, seed=6)
-    model().fit(
+    m = fit(
         train,
         validation_data=val,
         epochs=3,
         steps_per_epoch=2,
-        shuffle=False,
-        verbose=0,
         callbacks=[SyncEpoch(train, val)],
     )
-    assert val.reads == stream(8, 3, batch_size=4, shuffle=True, seed=6)
-    assert train.reads == stream(20, 1, batch_size=2, shuffle=True, seed=5)[:6]
+    assert m.tested == stream(8, 3, batch_size=4, shuffle=True, seed=6)
+    assert m.trained == stream(20, 1, batch_size=2, shuffle=True, seed=5)[:6]
