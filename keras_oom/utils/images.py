@@ -13,6 +13,7 @@ from keras_oom.utils.directory import FileDataset, PrefetchFileDataset
 from keras_oom.utils.image_io import (
     INTERPOLATIONS,
     TF_ONLY_INTERPOLATIONS,
+    ImageBatchReader,
     ImageReader,
     check_extra,
 )
@@ -255,9 +256,12 @@ def image_dataset_from_directory(
         verbose=verbose,
         num_workers=num_workers,
         dataset_kwargs=dataset_kwargs,
-        # Per-sample generators only when augment will draw from them.
-        make_loader=lambda: stack_samples(
-            reader if augment is not None else reader.load_plain, threads=_THREADS
+        # Without augment, each image is decoded straight into its row of
+        # the batch; with it, stack_samples gives each image its generator.
+        make_loader=lambda: (
+            ImageBatchReader(reader, threads=_THREADS)
+            if augment is None
+            else stack_samples(reader, threads=_THREADS)
         ),
         noun="images",
         allowed=f"Allowed formats: {ALLOWLIST_FORMATS}",
