@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from types import FrameType
 from typing import Any
 
@@ -189,9 +190,10 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 # Keras methods whose calls are never training's: the build peek
-# (`_symbolic_build`, TensorFlow's `_maybe_symbolic_build`), evaluate (also
-# fit's validation) and predict.
-_BUILD = frozenset({"_symbolic_build", "_maybe_symbolic_build"})
+# (`_symbolic_build`, TensorFlow's `_maybe_symbolic_build`), TensorFlow's
+# shape peek at batches 0 and 1 (`get_tf_dataset`, also when fit builds its
+# validation iterator), evaluate (also fit's validation) and predict.
+_BUILD = frozenset({"_symbolic_build", "_maybe_symbolic_build", "get_tf_dataset"})
 _OTHER_PASSES = frozenset({"evaluate", "predict"})
 _NOT_TRAINING = _BUILD | _OTHER_PASSES
 
@@ -215,14 +217,15 @@ class TrainingPasses:
 
     - it comes from the end of one of `fit`'s epochs and the pass is
       complete: every index `0..B-1` was read by training since the pass
-      began (reads from `evaluate`, `predict` and the build peek do not
-      count; nor, on TensorFlow, where tf.data reads in a thread of its own,
-      reads between an `evaluate` / `predict` pass's `on_epoch_begin` and
-      `on_epoch_end`);
+      began, and Keras has consumed them: its epochs since the pass began,
+      of `ceil(steps_per_epoch / steps_per_execution) * steps_per_execution`
+      batches each, hold `B` batches (reads from `evaluate`, `predict` and
+      the build and shape peeks do not count);
     - it comes from `fit`'s `reset()`, before the first epoch of a new fit,
       and training read part of a pass that did not end (`steps_per_epoch`,
       `stop_training` or an error cut it): the next fit starts a new pass
-      (`new_fit` is then True and `ended_at` is the furthest index read);
+      (`new_fit` is then True and `ended_at` is the last index training
+      consumed, when Keras's epochs tell it, else the furthest index read);
     - or it comes from outside Keras's `fit`, `evaluate`, `predict` and
       build code (a hand-written loop, a custom trainer): advancing too
       often keeps the data shuffled, never advancing would freeze it.
@@ -232,6 +235,18 @@ class TrainingPasses:
     (`batches_per_epoch=None`), has no complete passes: for the former
     every end of a `fit` epoch that began counts, as before; for the
     latter none does, as its index already names the epoch.
+
+    Reads and consumption differ on TensorFlow: Keras wraps the dataset in
+    `tf.data.Dataset.from_generator(...).prefetch(AUTOTUNE)`, whose thread
+    reads batches before the training step takes them, while Keras's hooks
+    run on its own thread; at the end of a `fit` the batches read ahead are
+    dropped with the iterator. So a read is attributed to training by the
+    Keras generator that makes it (`PyDatasetAdapter._finite_generator` /
+    `_infinite_generator`, whichever thread runs it): training's is the
+    adapter of the `EpochIterator` whose `on_epoch_begin` came from `fit`.
+    And a pass ends when Keras's epochs have consumed it, not when it was
+    read. On JAX and torch reads are consumption (Keras's thread reads as it
+    trains), and both rules give the same answer.
 
     Which Keras method is calling is read from the Python stack: the
     innermost frame of Keras's own `fit`, `evaluate`, `predict` or build
@@ -257,6 +272,13 @@ class TrainingPasses:
         self.fit_stamp = 0  # which fit's reset() came last: see SyncEpoch
         self._checked_fit: int | None = None  # id() of the last fit frame seen
         self._warned = False  # warn_if_resume_differs: once per dataset
+        # What the running fit's EpochIterator says (see `_fit_iterator`):
+        # its adapter, whose generator makes training's reads, and how many
+        # batches each of its Keras epochs consumes (None: not known).
+        self._adapter: weakref.ref | None = None
+        self._per_keras_epoch: int | None = None
+        self._keras_epochs = 0  # fit epochs ended since the pass began
+        self._in_keras_epoch = False  # a fit epoch began and did not end
 
     def begin(self, dataset: Any = None) -> None:
         """Call from the dataset's `on_epoch_begin`, with the dataset.
@@ -265,10 +287,18 @@ class TrainingPasses:
         resumed run would read other data (`warn_if_resume_differs`).
         """
         caller, _ = _keras_caller(sys._getframe(1))
+        adapter, per_keras_epoch = None, None
+        if caller == "fit":
+            adapter, per_keras_epoch = _fit_iterator(
+                sys._getframe(1), self.batches_per_epoch
+            )
         with self._lock:
             if caller == "fit":
                 self._training = True
                 self._in_other_pass = False
+                self._in_keras_epoch = True
+                self._adapter = adapter
+                self._per_keras_epoch = per_keras_epoch
             elif caller in _OTHER_PASSES:
                 self._in_other_pass = True
         if caller != "fit" or self._warned or dataset is None:
@@ -283,9 +313,16 @@ class TrainingPasses:
         caller, _ = _keras_caller(sys._getframe(1))
         if caller in _NOT_TRAINING:
             return
+        reader = _reading_adapter(sys._getframe(1))
         with self._lock:
             self._reads_reported = True
-            if not self._training or (caller is None and self._in_other_pass):
+            if not self._training:
+                return
+            training = self._adapter() if self._adapter is not None else None
+            if reader is not None and training is not None:
+                if reader is not training:  # evaluate's, predict's, another fit's
+                    return
+            elif caller is None and self._in_other_pass:
                 return
             if self.batches_per_epoch is not None:
                 self._read.add(index)
@@ -312,9 +349,13 @@ class TrainingPasses:
                 if not unfinished:
                     return False
                 self.new_fit = True
+                self._furthest = self._last_consumed()
                 return self._finish()
             if not self._training:
                 return False
+            if self._in_keras_epoch:
+                self._in_keras_epoch = False
+                self._keras_epochs += 1
             if not self._reads_reported or self._complete():
                 return self._finish()
             return False
@@ -325,10 +366,13 @@ class TrainingPasses:
             self._training = False
             self._read.clear()
             self._furthest = None
+            self._keras_epochs = 0
+            self._in_keras_epoch = False
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["_lock"]
+        state["_adapter"] = None  # a weak reference does not pickle
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -336,14 +380,30 @@ class TrainingPasses:
         self._lock = threading.Lock()
 
     def _complete(self) -> bool:
+        """Training read every batch of the pass, and Keras consumed them."""
         n = self.batches_per_epoch
-        return n is not None and len(self._read) >= n
+        if n is None or len(self._read) < n:
+            return False
+        per = self._per_keras_epoch
+        return per is None or self._keras_epochs * per >= n
+
+    def _last_consumed(self) -> int | None:
+        """The furthest index training consumed in this pass: the furthest
+        read, but no further than Keras's ended epochs reached (tf.data read
+        the rest ahead). Not known within an epoch that did not end."""
+        furthest, per = self._furthest, self._per_keras_epoch
+        if furthest is None or per is None or self._in_keras_epoch:
+            return furthest
+        consumed = self._keras_epochs * per
+        return furthest if consumed < 1 else min(furthest, consumed - 1)
 
     def _finish(self) -> bool:
         self.ended_at = self._furthest
         self._training = False
         self._read.clear()
         self._furthest = None
+        self._keras_epochs = 0
+        self._in_keras_epoch = False
         return True
 
 
@@ -402,6 +462,56 @@ def _keras_caller(frame: FrameType | None) -> tuple[str | None, bool]:
                 via_reset = True
         frame = frame.f_back
     return None, False
+
+
+_GENERATORS = frozenset({"_finite_generator", "_infinite_generator"})
+
+
+def _fit_iterator(
+    frame: FrameType | None, per_epoch: int | None
+) -> tuple[weakref.ref | None, int | None]:
+    """The running fit's training adapter (a weak reference) and the batches
+    each of its Keras epochs consumes, from the `EpochIterator` whose
+    `on_epoch_begin` is calling; `(None, None)` where Keras is not.
+
+    Reads the `_enumerate_iterator` frame's `self`: its only local bound
+    when it calls `on_epoch_begin`, so the snapshot of locals that reading
+    leaves on the frame keeps no batch alive.
+    """
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_enumerate_iterator" and code.co_filename.startswith(
+            _KERAS_DIR
+        ):
+            iterator: Any = frame.f_locals.get("self")
+            try:
+                adapter = weakref.ref(iterator.data_adapter)
+                spe = int(iterator.steps_per_execution or 1)
+                steps = iterator.steps_per_epoch
+            except (AttributeError, TypeError, ValueError):
+                return None, None
+            if not steps:  # a Keras epoch is a pass (or endless: not known)
+                return adapter, per_epoch
+            # Keras reads whole executions: ceil(steps / spe) of spe batches.
+            return adapter, math.ceil(int(steps) / spe) * spe
+        frame = frame.f_back
+    return None, None
+
+
+def _reading_adapter(frame: FrameType | None) -> Any:
+    """The `PyDatasetAdapter` whose generator is reading, or None.
+
+    Keras's own generators (`_finite_generator`, `_infinite_generator`) read
+    the dataset on whatever thread runs them: Keras's on JAX and torch,
+    tf.data's on TensorFlow. Their locals are `self`, the indices and the
+    index, never a batch, so reading them keeps nothing alive.
+    """
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in _GENERATORS and code.co_filename.startswith(_KERAS_DIR):
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
 
 
 def _keras_frame(frame: FrameType | None) -> FrameType | None:

@@ -228,13 +228,15 @@ class LoaderDataset(keras.utils.PyDataset):
         `steps_per_epoch` is None (or at least `batches_per_epoch`), and
         also once before training (after reading a batch to build the
         model), and around every `evaluate` and `predict`. The epoch
-        advances when training has read every batch of the current one
-        (so with a smaller `steps_per_epoch`, once per several Keras
-        epochs), when a call comes from your own loop, and, when a new
-        `fit` begins, past a pass that the last one left unfinished (see
-        `keras_oom.callbacks.TrainingPasses`). With `repeat=True` index `i`
-        already names its epoch: only a new `fit` moves it on, to the
-        epoch after the last one the previous `fit` read.
+        advances when training has read, and trained on, every batch of the
+        current one (so with a smaller `steps_per_epoch`, once per several
+        Keras epochs; on TensorFlow, not before Keras trained on what
+        tf.data read ahead), when a call comes from your own loop, and,
+        when a new `fit` begins, past a pass that the last one left
+        unfinished (see `keras_oom.callbacks.TrainingPasses`). With
+        `repeat=True` index `i` already names its epoch: only a new `fit`
+        moves it on, to the epoch after the last one the previous `fit`
+        trained on.
         """
         if not self._passes.end():
             return

@@ -52,22 +52,8 @@ def test_docs_exist() -> None:
     assert {"getting-started.md", "api.md", "pool.md", "guide.md"} <= names, names
 
 
-def _param(page: Path) -> object:
-    """Known gap (issue 14, item 8, open): on TensorFlow, a pass that a `fit`
-    leaves unfinished does not yet end when the next `fit` starts, as
-    getting-started.md shows it doing (tf.data reads ahead across epochs)."""
-    import keras
-
-    gap = page.name == "getting-started.md" and keras.backend.backend() == (
-        "tensorflow"
-    )
-    reason = "issue 14 item 8 on TensorFlow: tf.data reads ahead across epochs"
-    marks = [pytest.mark.xfail(reason=reason, strict=False)] if gap else []
-    return pytest.param(page, id=page.name, marks=marks)
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("page", [_param(p) for p in RUNNABLE])
+@pytest.mark.parametrize("page", [pytest.param(p, id=p.name) for p in RUNNABLE])
 def test_doc_examples_run(page: Path) -> None:
     blocks = python_blocks(page.read_text(encoding="utf-8"))
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}

@@ -241,6 +241,104 @@ def test_sixteen_bit_grayscale_keeps_its_scale_as_keras(folder):
     assert np.abs(x - ref[path][0]).max() <= 4
 
 
+def _jpeg_variants(root: Path) -> dict[str, Path]:
+    """JPEG files of one size (96 x 80), written the ways cameras and tools do.
+
+    "detailed" is fine noise and edges at more than twice the output size
+    of `_JPEG_SIZE`: a decoder that scaled it down while decoding (Pillow's
+    `draft`, OpenCV's `IMREAD_REDUCED_*`) would smooth what Keras's resize
+    (no antialiasing) keeps, far beyond the bound.
+    """
+    Image = PIL
+    (root / "j").mkdir(parents=True)
+    photo = Image.fromarray(helpers.smooth_image(96, 80, 3, 20))
+    rng = np.random.default_rng(21)
+    detail = rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    detail[:, ::2] //= 4  # one-pixel stripes: what aliasing shows most
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": Keras (Pillow, TensorFlow) ignores it
+    variants = {
+        "420": (photo, dict(quality=90)),
+        "444": (photo, dict(quality=95, subsampling=0)),
+        "422": (photo, dict(quality=90, subsampling=1)),
+        "progressive": (photo, dict(quality=90, progressive=True)),
+        "grayscale": (photo.convert("L"), dict(quality=90)),
+        "cmyk": (photo.convert("CMYK"), dict(quality=90)),
+        "adobe-rgb": (photo, dict(quality=90, keep_rgb=True)),
+        "exif-rotated": (photo, dict(quality=90, exif=exif.tobytes())),
+        "detailed": (Image.fromarray(detail), dict(quality=90)),
+    }
+    paths = {}
+    for name, (img, kw) in variants.items():
+        paths[name] = root / "j" / f"{name}.jpg"
+        img.save(paths[name], **kw)
+    return paths
+
+
+_JPEG_SIZE = (40, 32)
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("jpegs")
+    return root, _jpeg_variants(root)
+
+
+@needs_jax
+@pytest.mark.parametrize("color_mode", ["rgb", "grayscale", "rgba"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "420",
+        "444",
+        "422",
+        "progressive",
+        "grayscale",
+        "cmyk",
+        "adobe-rgb",
+        "exif-rotated",
+        "detailed",
+    ],
+)
+def test_jpeg_variants_equal_keras_grain_within_tolerance(jpegs, variant, color_mode):
+    """Kind pixels: every kind of JPEG within the bound of format="grain".
+
+    Chroma subsampling, progressive, grayscale, CMYK and Adobe RGB files,
+    an EXIF orientation (which Keras ignores) and fine detail at more than
+    twice the output size (where decoding at reduced scale is tempting):
+    mean |diff| <= 0.5 and max <= 4 on each image.
+    """
+    root, paths = jpegs
+    kwargs = dict(
+        image_size=_JPEG_SIZE, batch_size=None, shuffle=False, color_mode=color_mode
+    )
+    keras_ds = _keras(root, **kwargs)
+    ref = dict(zip(keras_ds.file_paths, _batches(keras_ds), strict=True))
+    ds = _ours(root, **kwargs)
+    path = str(paths[variant])
+    x, _ = ds[ds.file_paths.index(path)]
+    rx = ref[path][0]
+    assert x.dtype == np.float32 and x.shape == rx.shape
+    diff = np.abs(x - rx)
+    assert diff.mean() <= 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+
+
+def test_jpeg_over_pillows_pixel_limit_raises_as_keras(jpegs, monkeypatch):
+    """Kind bad input: a JPEG over Pillow's decompression-bomb limit raises.
+
+    Keras's grain path opens every file with Pillow, which refuses images of
+    more than twice `PIL.Image.MAX_IMAGE_PIXELS`; a faster decoder must not
+    read what Keras refuses.
+    """
+    root, paths = jpegs
+    monkeypatch.setattr(PIL, "MAX_IMAGE_PIXELS", 1000)  # 96 x 80 > 2 x 1000
+    ds = _ours(root, image_size=_JPEG_SIZE, batch_size=None, shuffle=False)
+    path = str(paths["420"])
+    with pytest.raises(FileReadError, match="decompression bomb") as info:
+        ds[ds.file_paths.index(path)]
+    assert info.value.path == path
+
+
 # -- the pool on top ----------------------------------------------------------
 
 
