@@ -2,7 +2,8 @@
 
 How a failure in a worker is encoded, sent and rebuilt in the caller lives
 beside the other messages in `protocol.py`. The wording of a worker's exit
-(`describe_exit`, `likely_causes`) is here, beside the error it explains.
+(`describe_exit`, `likely_causes`, `loss_error`) is here, beside the error
+it explains.
 """
 
 from __future__ import annotations
@@ -93,3 +94,26 @@ def likely_causes(exitcode: int | None) -> str:
             "its stack is in the worker's output above (faulthandler)."
         )
     return ""
+
+
+def loss_error(
+    pid: int, exitcode: int | None, timed_out: bool, timeout: float | None
+) -> WorkerDiedError | WorkerTimeoutError:
+    """The error of a batch whose worker died, or outlived `timeout` seconds.
+
+    Args:
+        pid: The worker's process id.
+        exitcode: Its exit code (`None` if unknown).
+        timed_out: Whether it was killed for taking longer than `timeout`.
+        timeout: The per-batch limit in seconds, named in the message.
+    """
+    if timed_out:
+        return WorkerTimeoutError(
+            f"Worker pid {pid} took longer than timeout={timeout}s and was killed."
+        )
+    return WorkerDiedError(
+        f"Worker pid {pid} {describe_exit(exitcode)}.{likely_causes(exitcode)}",
+        pid=pid,
+        exitcode=exitcode,
+        batch_index=None,
+    )

@@ -397,7 +397,7 @@ def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
     ) as ds:
         ds[0]
         ds[1]  # both kept for a re-read (TensorFlow's pattern)
-        ds._engine.executor._break(RuntimeError("no more workers"))
+        ds._engine.executor._restarts.break_(RuntimeError("no more workers"))
         for i in (0, 1, 2):
             with pytest.raises((RuntimeError, keras_oom.WorkerStartError)):
                 ds[i]
