@@ -10,7 +10,6 @@ to a worker and back), over an executor: the local process pool
 from __future__ import annotations
 
 import copy
-import numbers
 import os
 import pickle
 import threading
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keras_oom import stats as stats_module
+from keras_oom.checks import as_index, as_seconds
 from keras_oom.dataset import LoaderDataset
 from keras_oom.engine import Prefetcher
 from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
@@ -34,7 +34,6 @@ from keras_oom.protocol import (
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.source import as_index
 from keras_oom.state import StateTracker, Update
 
 _KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
@@ -150,8 +149,10 @@ class PrefetchLoaderDataset(LoaderDataset):
                 )
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(*args, workers=1, use_multiprocessing=False, **kwargs)
-        num_workers = _check_num_workers(num_workers)
-        self._timeout = _check_timeout(timeout)
+        num_workers = as_index(
+            num_workers, "num_workers", minimum=1, what="a positive integer"
+        )
+        self._timeout = as_seconds(timeout, "timeout")
         if start_method is not None and start_method not in START_METHODS:
             raise ValueError(
                 f"`start_method` must be one of {START_METHODS} or None. "
@@ -556,26 +557,3 @@ class PrefetchLoaderDataset(LoaderDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_runtime()
-
-
-def _check_num_workers(num_workers: Any) -> int:
-    value = as_index(num_workers, "num_workers")
-    if value < 1:
-        raise ValueError(
-            f"`num_workers` must be at least 1. Received: num_workers={num_workers}"
-        )
-    return value
-
-
-def _check_timeout(timeout: Any) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(
-            f"`timeout` must be a number of seconds or None. "
-            f"Received: timeout={timeout!r} of type {type(timeout).__name__}"
-        )
-    value = float(timeout)
-    if not value > 0:  # also NaN
-        raise ValueError(f"`timeout` must be positive. Received: timeout={timeout}")
-    return None if value == float("inf") else value

@@ -26,6 +26,7 @@ import numpy as np
 
 from keras_oom import seeding
 from keras_oom.arrays import batch_array
+from keras_oom.checks import as_index
 from keras_oom.protocol import add_note, describe_id
 
 __all__ = ["StackedSamples", "batch_array", "stack_samples"]
@@ -117,17 +118,8 @@ def stack_samples(
             f"`sample_loader` must be callable, as sample_loader(id) or "
             f"sample_loader(id, rng). Received: sample_loader={sample_loader!r}"
         )
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(
-        threads, (int, np.integer)
-    ):
-        raise TypeError(
-            f"`threads` must be a positive integer. Received: threads={threads!r}"
-        )
-    if threads < 1:
-        raise ValueError(
-            f"`threads` must be a positive integer. Received: threads={threads}"
-        )
-    return StackedSamples(sample_loader, int(threads))
+    threads = as_index(threads, "threads", minimum=1, what="a positive integer")
+    return StackedSamples(sample_loader, threads)
 
 
 class StackedSamples:

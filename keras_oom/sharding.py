@@ -10,13 +10,11 @@ which process this is.
 
 from __future__ import annotations
 
-import operator
 import os
 import sys
 from typing import Any
 
-import numpy as np
-
+from keras_oom.checks import as_index
 from keras_oom.indexing import SHARD_MODES
 
 
@@ -51,7 +49,7 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             )
         return auto_shard()
     try:
-        index, count = (_as_int(v) for v in shard)
+        index, count = (as_index(v, "shard") for v in shard)
     except (TypeError, ValueError):
         raise TypeError(
             f"`shard` must be None, 'auto' or a pair of integers (index, count). "
@@ -63,13 +61,6 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             f"Received: shard={shard!r}"
         )
     return index, count
-
-
-def _as_int(value: Any) -> int:
-    # `True` passes `operator.index`, but is never an intended shard number.
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"a bool is not an integer: {value!r}")
-    return operator.index(value)
 
 
 def auto_shard() -> tuple[int, int]:

@@ -46,7 +46,8 @@ its files, and the parent maps each file once:
     a buffer with no hold is free
 
 Each buffer counts its holds (shm_buffers.py says how, and why a buffer is
-never both lent and written by the loader). The worker's side is `BatchWriter` (here); its buffers and their holds are
+never both lent and written by the loader). The worker's side is
+`BatchWriter` (here); its buffers and their holds are
 `shm_buffers.BufferPool`, its base. The parent's side is
 `shm_receive.BatchReader`. Mapping the files, the at-fork hook and passing
 descriptors: shm.py.
