@@ -25,6 +25,7 @@ from keras_oom.engine import Prefetcher
 from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
 from keras_oom.executor import Executor
 from keras_oom.launch import START_METHODS, default_start_method, pickle_setup
+from keras_oom.per_process import Owner, PerProcess
 from keras_oom.process_pool import ProcessPool
 from keras_oom.protocol import (
     Outcome,
@@ -39,7 +40,7 @@ from keras_oom.state import StateTracker, Update
 _KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
 
 
-class PrefetchLoaderDataset(LoaderDataset):
+class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     """A `LoaderDataset` whose loader runs ahead in a pool of worker processes.
 
     `num_workers` processes start at the dataset's first use (the first
@@ -140,42 +141,14 @@ class PrefetchLoaderDataset(LoaderDataset):
         **kwargs: Any,
     ) -> None:
         before = set(vars(self))  # a subclass's own attributes, set first
-        for name in _KERAS_PARALLELISM:
-            if name in kwargs:
-                raise ValueError(
-                    f"PrefetchLoaderDataset loads in its own worker processes; "
-                    f"use `num_workers` instead of Keras's `{name}`. "
-                    f"Received: {name}={kwargs[name]!r}"
-                )
+        _refuse_keras_parallelism(kwargs)
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(*args, workers=1, use_multiprocessing=False, **kwargs)
         num_workers = as_index(
             num_workers, "num_workers", minimum=1, what="a positive integer"
         )
         self._timeout = as_seconds(timeout, "timeout")
-        if start_method is not None and start_method not in START_METHODS:
-            raise ValueError(
-                f"`start_method` must be one of {START_METHODS} or None. "
-                f"Received: start_method={start_method!r}"
-            )
-        if worker_init is not None and not callable(worker_init):
-            raise TypeError(
-                f"`worker_init` must be callable, as worker_init(index). "
-                f"Received: worker_init={worker_init!r}"
-            )
-        if executor is not None:
-            if not isinstance(executor, Executor):
-                raise TypeError(
-                    f"`executor` must implement keras_oom.executor.Executor "
-                    f"(start, submit, wait, take_events, ...), or be None. "
-                    f"Received: executor={executor!r}"
-                )
-            if start_method is not None:
-                raise ValueError(
-                    f"`start_method` is for the local pool only; an executor "
-                    f"starts its workers its own way. Received: "
-                    f"start_method={start_method!r} with executor={executor!r}"
-                )
+        _check_workers(start_method, worker_init, executor)
         self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
@@ -200,36 +173,19 @@ class PrefetchLoaderDataset(LoaderDataset):
         # The dataset's own machinery: never loader state (see state.py).
         self._internal = frozenset(vars(self)) - before | {"_internal"}
 
-    # What `_init_runtime` builds: per process, never copied (`__getstate__`).
-    _RUNTIME = (
-        "_lock",
-        "_owner_pid",
-        "_engine",
-        "_closed",
-        "_reads",
-        "_final_stats",
-        "_finalizer",
-        "_state",
-        "_state_due",
-    )
-
     def _init_runtime(self) -> None:
         """The per-process state: no engine until the dataset is first used.
 
-        Sets exactly the attributes named in `_RUNTIME`.
+        Never copied: a copy builds its own (per_process.PerProcess).
         """
         self._lock = threading.RLock()
-        self._owner_pid = os.getpid()
+        self._owner = Owner()
         self._engine: Prefetcher | None = None
         self._closed = False
         # Counted apart from the read lock: stats() never waits for a read.
         self._reads = stats_module.ReadStats()
         self._final_stats: dict[str, Any] | None = None
         self._finalizer: weakref.finalize | None = None
-        # Loader state between epochs (state.py): what workers have, and
-        # whether to look again at the next read.
-        self._state: StateTracker | None = None
-        self._state_due = False
 
     def _worker_setup(self) -> WorkerSetup:
         if not self._load_overridden():
@@ -272,7 +228,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         """
         with self._lock:
             engine = self._ensure_started()
-            self._check_state()
+            engine.check_state(self._epoch, self._start)
             epoch, batch = self._locate(index)
             self._passes.read(self._global_index(epoch, batch))
             outcome = engine.get((epoch, batch))
@@ -283,12 +239,12 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def on_epoch_begin(self) -> None:
         with self._lock:
-            self._state_due = True
+            self._state_may_change()
             super().on_epoch_begin()
 
     def on_epoch_end(self) -> None:
         with self._lock:
-            self._state_due = True
+            self._state_may_change()
             before = self._epoch, self._start
             super().on_epoch_end()
             if (self._epoch, self._start) != before:
@@ -296,7 +252,7 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         with self._lock:
-            self._state_due = True
+            self._state_may_change()
             start = self._start
             super().set_epoch(epoch, batch)
             self._ensure_started()
@@ -324,7 +280,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         batches afterwards raises `DatasetClosedError`; `stats()` still
         reports the final numbers.
         """
-        if self._owns() and self._engine is not None:
+        if self._owner.here() and self._engine is not None:
             self._final_stats = self._stats_now(self._engine)
         # Workers first, without the lock: a thread waiting in ds[i] for a
         # stuck loader holds it, and wakes up (DatasetClosedError) when the
@@ -429,15 +385,11 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     # -- scheduling -----------------------------------------------------------
 
-    def _owns(self) -> bool:
-        """Whether this process owns the workers (not a fork of the owner)."""
-        return os.getpid() == self._owner_pid
-
     def _ensure_started(self) -> Prefetcher:
         """The engine, started at first use; raises if it cannot serve."""
-        if not self._owns():
+        if not self._owner.here():
             raise RuntimeError(
-                f"This PrefetchLoaderDataset belongs to process {self._owner_pid}; "
+                f"This PrefetchLoaderDataset belongs to process {self._owner.pid}; "
                 f"this is process {os.getpid()}, a fork of it. Its workers "
                 f"serve only their owner: build a new dataset in this process."
             )
@@ -470,7 +422,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                 epoch=self._epoch,
                 start=self._start,
             )
-            self._engine, self._state = engine, state
+            self._engine = engine
             self._finalizer = weakref.finalize(self, executor.close)
         return engine
 
@@ -495,18 +447,10 @@ class PrefetchLoaderDataset(LoaderDataset):
         name = getattr(loader, "__qualname__", None) or type(loader).__name__
         return StateTracker(loader, owner=name)
 
-    def _check_state(self) -> None:
-        """At the first read after an epoch boundary: did the state change?
-
-        If so, every batch loaded or loading with the old state is dropped,
-        and each worker's next request carries what changed.
-        """
-        if not self._state_due or self._state is None:
-            return
-        changed = self._state.refresh()  # raises if a change cannot travel
-        self._state_due = False
-        if changed:
-            self._discard_loaded()
+    def _state_may_change(self) -> None:
+        """An epoch boundary: look for changed loader state at the next read."""
+        if self._engine is not None:
+            self._engine.state_may_change()
 
     def _discard_loaded(self) -> None:
         """Drops every batch loaded ahead, and those still loading."""
@@ -546,14 +490,40 @@ class PrefetchLoaderDataset(LoaderDataset):
         add_note(error, f"keras_oom: while loading {what}")
         raise error
 
-    # -- copies: a new, unstarted dataset with the same batches ---------------
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for name in self._RUNTIME:  # rebuilt by _init_runtime
-            state.pop(name, None)
-        return state
+def _refuse_keras_parallelism(kwargs: dict[str, Any]) -> None:
+    for name in _KERAS_PARALLELISM:
+        if name in kwargs:
+            raise ValueError(
+                f"PrefetchLoaderDataset loads in its own worker processes; "
+                f"use `num_workers` instead of Keras's `{name}`. "
+                f"Received: {name}={kwargs[name]!r}"
+            )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
+
+def _check_workers(start_method: Any, worker_init: Any, executor: Any) -> None:
+    """Checks how workers start: `start_method`, `worker_init`, `executor`."""
+    if start_method is not None and start_method not in START_METHODS:
+        raise ValueError(
+            f"`start_method` must be one of {START_METHODS} or None. "
+            f"Received: start_method={start_method!r}"
+        )
+    if worker_init is not None and not callable(worker_init):
+        raise TypeError(
+            f"`worker_init` must be callable, as worker_init(worker_index). "
+            f"Received: worker_init={worker_init!r}"
+        )
+    if executor is None:
+        return
+    if not isinstance(executor, Executor):
+        raise TypeError(
+            f"`executor` must implement keras_oom.executor.Executor "
+            f"(start, submit, wait, take_events, ...), or be None. "
+            f"Received: executor={executor!r}"
+        )
+    if start_method is not None:
+        raise ValueError(
+            f"`start_method` is for the local pool only; an executor "
+            f"starts its workers its own way. Received: "
+            f"start_method={start_method!r} with executor={executor!r}"
+        )

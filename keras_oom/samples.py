@@ -15,7 +15,6 @@ This module runs in workers too: it imports neither Keras nor a backend.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import queue
 import threading
 import weakref
@@ -27,6 +26,7 @@ import numpy as np
 from keras_oom import seeding
 from keras_oom.arrays import batch_array
 from keras_oom.checks import as_index
+from keras_oom.per_process import Owner, PerProcess
 from keras_oom.protocol import add_note, describe_id
 
 __all__ = ["StackedSamples", "batch_array", "stack_samples"]
@@ -122,27 +122,20 @@ def stack_samples(
     return StackedSamples(sample_loader, threads)
 
 
-class StackedSamples:
+class StackedSamples(PerProcess):
     """The batch loader that `stack_samples` returns."""
 
     def __init__(self, sample_loader: Callable[..., Any], threads: int) -> None:
         self.sample_loader = sample_loader
         self.threads = threads
+        self._wants_rng = seeding.accepts_rng(sample_loader)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._wants_rng = seeding.accepts_rng(self.sample_loader)
+        # Per process (per_process.py): a copy gets none of these.
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pool_pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The thread pool belongs to the process that made it.
-        return {"sample_loader": self.sample_loader, "threads": self.threads}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
+        self._pool_owner: Owner | None = None  # the process that made _pool
 
     def __repr__(self) -> str:
         return f"stack_samples({self.sample_loader!r}, threads={self.threads})"
@@ -207,12 +200,12 @@ class StackedSamples:
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """This process's thread pool, made at its first batch."""
-        pid = os.getpid()
-        if self._pool_pid != pid:  # none yet, or a fork's copy without threads
-            if self._pool_pid != -1:  # the parent's lock may have been held
+        owner = self._pool_owner
+        if owner is None or not owner.here():  # none, or a fork's copy
+            if owner is not None:  # the parent's lock may have been held
                 self._lock = threading.Lock()
             with self._lock:
-                if self._pool_pid != pid:
+                if self._pool_owner is None or not self._pool_owner.here():
                     pool = concurrent.futures.ThreadPoolExecutor(
                         self.threads, thread_name_prefix="keras_oom-samples"
                     )
@@ -220,7 +213,7 @@ class StackedSamples:
                     weakref.finalize(
                         self, pool.shutdown, wait=False, cancel_futures=True
                     )
-                    self._pool, self._pool_pid = pool, pid
+                    self._pool, self._pool_owner = pool, Owner()
         assert self._pool is not None
         return self._pool
 

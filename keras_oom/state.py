@@ -134,9 +134,9 @@ class StateTracker:
         self._payloads: dict[Slot, tuple[tuple, bytes]] = {}
         self._known: dict[int, dict[Slot, tuple]] = {}
 
-    def joined(self, worker: int) -> None:
+    def joined(self, worker_index: int) -> None:
         """A new worker started, with the state the pool started with."""
-        self._known[worker] = self._baseline
+        self._known[worker_index] = self._baseline
 
     def refresh(self) -> bool:
         """Reads the state again; True if it changed since the last read.
@@ -171,9 +171,9 @@ class StateTracker:
         self._current = current
         return True
 
-    def updates_for(self, worker: int) -> tuple[Update, ...]:
-        """What `worker` lacks of the current state; it then has it all."""
-        known = self._known.get(worker, self._baseline)
+    def updates_for(self, worker_index: int) -> tuple[Update, ...]:
+        """What worker `worker_index` lacks of the current state; it then has it all."""
+        known = self._known.get(worker_index, self._baseline)
         if known is self._current:
             return ()
         out: list[Update] = []
@@ -181,7 +181,7 @@ class StateTracker:
             if known.get(slot) != fp:
                 out.append((slot, self._payloads[slot][1]))
         out += [(slot, None) for slot in known.keys() - self._current.keys()]
-        self._known[worker] = self._current
+        self._known[worker_index] = self._current
         return tuple(out)
 
     @staticmethod
