@@ -1,5 +1,5 @@
-"""Argument checks shared by every public class: one integer check, one for
-seconds.
+"""Argument checks: one integer check, one for seconds, and the checks of
+how `PrefetchLoaderDataset`'s workers start.
 
 Each raises an error that names the parameter and the value received, as
 Keras's own checks do. This module runs in workers too: it imports neither
@@ -13,6 +13,9 @@ import operator
 from typing import Any
 
 import numpy as np
+
+# Keras's own parallelism, which the pool replaces.
+_KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
 
 
 def as_index(
@@ -73,3 +76,46 @@ def as_seconds(value: Any, name: str) -> float | None:
     if not seconds > 0:  # also NaN
         raise ValueError(f"`{name}` must be positive. Received: {name}={value}")
     return None if seconds == float("inf") else seconds
+
+
+def refuse_keras_parallelism(kwargs: dict[str, Any]) -> None:
+    """Refuses Keras's own `workers`, `use_multiprocessing`, `max_queue_size`."""
+    for name in _KERAS_PARALLELISM:
+        if name in kwargs:
+            raise ValueError(
+                f"PrefetchLoaderDataset loads in its own worker processes; "
+                f"use `num_workers` instead of Keras's `{name}`. "
+                f"Received: {name}={kwargs[name]!r}"
+            )
+
+
+def check_worker_args(start_method: Any, worker_init: Any, executor: Any) -> None:
+    """Checks how workers start: `start_method`, `worker_init`, `executor`."""
+    # Here, not at the top: workers import this module, never the pool's.
+    from keras_oom.executor import Executor
+    from keras_oom.launch import START_METHODS
+
+    if start_method is not None and start_method not in START_METHODS:
+        raise ValueError(
+            f"`start_method` must be one of {START_METHODS} or None. "
+            f"Received: start_method={start_method!r}"
+        )
+    if worker_init is not None and not callable(worker_init):
+        raise TypeError(
+            f"`worker_init` must be callable, as worker_init(worker_index). "
+            f"Received: worker_init={worker_init!r}"
+        )
+    if executor is None:
+        return
+    if not isinstance(executor, Executor):
+        raise TypeError(
+            f"`executor` must implement keras_oom.executor.Executor "
+            f"(start, submit, wait, take_events, ...), or be None. "
+            f"Received: executor={executor!r}"
+        )
+    if start_method is not None:
+        raise ValueError(
+            f"`start_method` is for the local pool only; an executor "
+            f"starts its workers its own way. Received: "
+            f"start_method={start_method!r} with executor={executor!r}"
+        )

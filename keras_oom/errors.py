@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal
 
+from keras_oom.protocol import add_note
+
 
 class WorkerDiedError(RuntimeError):
     """A worker process ended while it was loading a batch.
@@ -117,3 +119,34 @@ def loss_error(
         exitcode=exitcode,
         batch_index=None,
     )
+
+
+def for_batch(
+    error: BaseException, index: int, ids: str, pid: int | None
+) -> BaseException:
+    """The error to raise for batch `index`, naming it and its ids.
+
+    A died or timed-out worker's error is raised anew with the batch in its
+    message (its pid is named already); any other error (the loader's, of
+    any class) is raised itself, with a note naming the batch and worker.
+
+    Args:
+        error: The batch's error, from its worker or the pool.
+        index: The batch's index, as the caller asked for it.
+        ids: Its sample ids, described (`protocol.describe_ids`).
+        pid: The worker that loaded it, or None.
+    """
+    what = f"batch {index}, ids {ids}"
+    if isinstance(error, WorkerDiedError):
+        return WorkerDiedError(
+            f"{error} It was loading {what}.",
+            pid=error.pid,
+            exitcode=error.exitcode,
+            batch_index=index,
+        )
+    if isinstance(error, WorkerTimeoutError):
+        return WorkerTimeoutError(f"{error} It was loading {what}.")
+    if pid:
+        what += f", in worker pid {pid}"
+    add_note(error, f"keras_oom: while loading {what}")
+    return error

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import threading
 import warnings
 import weakref
@@ -19,25 +18,27 @@ from collections.abc import Callable
 from typing import Any
 
 from keras_oom import stats as stats_module
-from keras_oom.checks import as_index, as_seconds
+from keras_oom.checks import (
+    as_index,
+    as_seconds,
+    check_worker_args,
+    refuse_keras_parallelism,
+)
 from keras_oom.dataset import LoaderDataset
 from keras_oom.engine import Prefetcher
-from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
+from keras_oom.errors import DatasetClosedError, for_batch
 from keras_oom.executor import Executor
-from keras_oom.launch import START_METHODS, default_start_method, pickle_setup
+from keras_oom.launch import default_start_method, pickle_setup
 from keras_oom.per_process import Owner, PerProcess
 from keras_oom.process_pool import ProcessPool
 from keras_oom.protocol import (
     Outcome,
     WorkerSetup,
-    add_note,
     deferred_interrupts,
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.state import StateTracker, Update
-
-_KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
+from keras_oom.state import StateTracker, Update, position_updates
 
 
 class PrefetchLoaderDataset(LoaderDataset, PerProcess):
@@ -141,14 +142,14 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         **kwargs: Any,
     ) -> None:
         before = set(vars(self))  # a subclass's own attributes, set first
-        _refuse_keras_parallelism(kwargs)
+        refuse_keras_parallelism(kwargs)
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(*args, workers=1, use_multiprocessing=False, **kwargs)
         num_workers = as_index(
             num_workers, "num_workers", minimum=1, what="a positive integer"
         )
         self._timeout = as_seconds(timeout, "timeout")
-        _check_workers(start_method, worker_init, executor)
+        check_worker_args(start_method, worker_init, executor)
         self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
@@ -266,10 +267,13 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         right for every batch loaded ahead unless `_start` changed, or, with
         `repeat=True`, `epoch` did.
         """
+        engine = self._engine
+        if engine is None:
+            return
         if self._load_overridden() and (self._repeat or self._start != start_before):
-            self._discard_loaded()
+            engine.discard_loaded(self._epoch, self._start)  # all loaded ahead
         else:
-            self._restart_window()
+            engine.restart(self._epoch, self._start)  # from what index 0 reads
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -432,98 +436,29 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             return copy.deepcopy(self._executor)
         return ProcessPool(self._start_method)
 
-    def _restart_window(self) -> None:
-        """Loads ahead from what index 0 reads: batch `_start` of `_epoch`."""
-        if self._engine is not None:
-            self._engine.restart(self._epoch, self._start)
-
     # -- loader state between epochs (state.py) -------------------------------
 
     def _track_state(self) -> StateTracker:
         """Fingerprints what workers are about to get, to see it change."""
         if self._load_overridden():
             return StateTracker(self, self._internal, type(self).__name__)
-        loader = self._loader
-        name = getattr(loader, "__qualname__", None) or type(loader).__name__
-        return StateTracker(loader, owner=name)
+        return StateTracker(self._loader)
 
     def _state_may_change(self) -> None:
         """An epoch boundary: look for changed loader state at the next read."""
         if self._engine is not None:
             self._engine.state_may_change()
 
-    def _discard_loaded(self) -> None:
-        """Drops every batch loaded ahead, and those still loading."""
-        if self._engine is not None:
-            self._engine.discard_loaded(self._epoch, self._start)
-
     def _position_state(self, key: Key) -> tuple[Update, ...]:
-        """`_epoch` and `_start` as the dataset will have them when `key` is
-        read, for a subclass's `load` that reads `self.epoch`."""
+        """`_epoch` and `_start` as they will be when `key` is read, for a
+        subclass's `load` that reads `self.epoch` (none for a loader)."""
         if not self._load_overridden():
             return ()
-        epoch = self._epoch
-        if not self._repeat:
-            epoch = key[0] - (1 if key[1] < self._start else 0)
-        return (
-            (("attr", "_epoch"), pickle.dumps(epoch)),
-            (("attr", "_start"), pickle.dumps(self._start)),
-        )
+        return position_updates(key, self._epoch, self._start, self._repeat)
 
     def _raise(self, outcome: Outcome, epoch: int, batch: int) -> None:
-        error = outcome.error
-        assert error is not None
+        """Raises the batch's error, naming the batch, its ids and worker."""
+        assert outcome.error is not None
         index = self._global_index(epoch, batch)
-        what = f"batch {index}, ids {describe_ids(self._source.ids(epoch, batch))}"
-        # The pool's messages already name the worker's pid.
-        if isinstance(error, WorkerDiedError):
-            raise WorkerDiedError(
-                f"{error} It was loading {what}.",
-                pid=error.pid,
-                exitcode=error.exitcode,
-                batch_index=index,
-            ) from None
-        if isinstance(error, WorkerTimeoutError):
-            raise WorkerTimeoutError(f"{error} It was loading {what}.") from None
-        if outcome.pid:
-            what += f", in worker pid {outcome.pid}"
-        add_note(error, f"keras_oom: while loading {what}")
-        raise error
-
-
-def _refuse_keras_parallelism(kwargs: dict[str, Any]) -> None:
-    for name in _KERAS_PARALLELISM:
-        if name in kwargs:
-            raise ValueError(
-                f"PrefetchLoaderDataset loads in its own worker processes; "
-                f"use `num_workers` instead of Keras's `{name}`. "
-                f"Received: {name}={kwargs[name]!r}"
-            )
-
-
-def _check_workers(start_method: Any, worker_init: Any, executor: Any) -> None:
-    """Checks how workers start: `start_method`, `worker_init`, `executor`."""
-    if start_method is not None and start_method not in START_METHODS:
-        raise ValueError(
-            f"`start_method` must be one of {START_METHODS} or None. "
-            f"Received: start_method={start_method!r}"
-        )
-    if worker_init is not None and not callable(worker_init):
-        raise TypeError(
-            f"`worker_init` must be callable, as worker_init(worker_index). "
-            f"Received: worker_init={worker_init!r}"
-        )
-    if executor is None:
-        return
-    if not isinstance(executor, Executor):
-        raise TypeError(
-            f"`executor` must implement keras_oom.executor.Executor "
-            f"(start, submit, wait, take_events, ...), or be None. "
-            f"Received: executor={executor!r}"
-        )
-    if start_method is not None:
-        raise ValueError(
-            f"`start_method` is for the local pool only; an executor "
-            f"starts its workers its own way. Received: "
-            f"start_method={start_method!r} with executor={executor!r}"
-        )
+        ids = describe_ids(self._source.ids(epoch, batch))
+        raise for_batch(outcome.error, index, ids, outcome.pid)

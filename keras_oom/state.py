@@ -128,7 +128,9 @@ class StateTracker:
     ) -> None:
         self._target = target
         self._exclude = exclude
-        self._owner = owner or type(target).__name__
+        if owner is None:
+            owner = getattr(target, "__qualname__", None) or type(target).__name__
+        self._owner = owner
         self._baseline = self._fingerprints(state_of(target, exclude))
         self._current = self._baseline
         self._payloads: dict[Slot, tuple[tuple, bytes]] = {}
@@ -212,3 +214,25 @@ def apply_state(loader: Any, updates: tuple[Update, ...]) -> None:
         else:
             assert isinstance(name, str)
             setattr(target, name, pickle.loads(payload))
+
+
+def position_updates(
+    key: tuple[int, int], epoch: int, start: int, repeat: bool
+) -> tuple[Update, ...]:
+    """`_epoch` and `_start` as a dataset will have them when `key` is read.
+
+    A subclass's `load` may read `self.epoch`; a worker loads batches ahead,
+    so each request carries the values of the moment its batch is read.
+
+    Args:
+        key: `(epoch, batch)` of the batch requested.
+        epoch, start: The dataset's `_epoch` and `_start` now.
+        repeat: Whether the dataset repeats (then `epoch` does not follow
+            the key: one Keras epoch spans passes).
+    """
+    if not repeat:
+        epoch = key[0] - (1 if key[1] < start else 0)
+    return (
+        (("attr", "_epoch"), pickle.dumps(epoch)),
+        (("attr", "_start"), pickle.dumps(start)),
+    )
