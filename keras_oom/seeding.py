@@ -51,7 +51,7 @@ def batch_position(batch: int, shard: tuple[int, int]) -> int:
     """Returns the place of a shard's batch in the whole, unsharded epoch.
 
     Shard `index` of `count` reads every `count`-th sample of an epoch's
-    order starting at `index` (see `indexing.shard_positions`), so its batch
+    order starting at `index` (see `sharding.shard_positions`), so its batch
     `b` is the `b`-th of `count` interleaved batches: position
     `b * count + index`. Without sharding (`(0, 1)`) the position is the
     batch number.
