@@ -27,6 +27,10 @@ from typing import Any
 # reaped later.
 KILL_GRACE = 1.0
 
+# How long the fork server may take to report the status of a child that
+# has exited.
+STATUS_GRACE = 5.0
+
 # The descriptors the pool holds in this process: the parent ends of worker
 # sockets, and pidfds. A forked worker inherits every descriptor of its
 # parent and must close these first: holding a parent end (its own among
@@ -115,7 +119,15 @@ class Process:
             assert self._popen is not None
             code = self._popen.poll()
         if code is None and self._pidfd is not None and wait([self._pidfd], 0):
-            return 255  # gone, its status taken by someone else
+            if self._process is not None and not self._own_child:
+                # The fork server reaps its child and reports the status on
+                # the sentinel pipe only after its SIGCHLD: under load that
+                # comes after the pidfd turned readable. Wait for the report
+                # (the code tells an unguarded script's re-run from a crash).
+                self._process.join(STATUS_GRACE)
+                code = self._process.exitcode
+            if code is None:
+                return 255  # gone, its status taken by someone else
         return code
 
     def _signal(self, signum: int) -> None:
