@@ -28,10 +28,11 @@ from keras_oom.errors import (
 )
 
 if TYPE_CHECKING:
+    from keras_oom.arrays import batch_array
     from keras_oom.callbacks import SyncEpoch
     from keras_oom.dataset import LoaderDataset
     from keras_oom.prefetch import PrefetchLoaderDataset
-    from keras_oom.samples import batch_array, stack_samples
+    from keras_oom.samples import stack_samples
     from keras_oom.utils import (
         audio_dataset_from_directory,
         image_dataset_from_directory,
@@ -60,7 +61,7 @@ _LAZY = {
     "LoaderDataset": "keras_oom.dataset",
     "PrefetchLoaderDataset": "keras_oom.prefetch",
     "SyncEpoch": "keras_oom.callbacks",
-    "batch_array": "keras_oom.samples",
+    "batch_array": "keras_oom.arrays",
     "stack_samples": "keras_oom.samples",
     "image_dataset_from_directory": "keras_oom.utils.images",
     "text_dataset_from_directory": "keras_oom.utils.text",

@@ -75,9 +75,11 @@ class Source(Protocol):
 class StateHook(Protocol):
     """Loader state sent to workers (state.StateTracker)."""
 
-    def joined(self, worker: int) -> None: ...
+    def refresh(self) -> bool: ...
 
-    def updates_for(self, worker: int) -> tuple[Update, ...]: ...
+    def joined(self, worker_index: int) -> None: ...
+
+    def updates_for(self, worker_index: int) -> tuple[Update, ...]: ...
 
 
 class Prefetcher:
@@ -130,6 +132,8 @@ class Prefetcher:
         # batches must not be served.
         self._stale: set[tuple[int, Key]] = set()
         self._stale_discarded = 0
+        # An epoch boundary passed: loader state may have changed since.
+        self._state_due = False
 
     def start(
         self, setup: WorkerSetup, *, timeout: float | None, epoch: int, start: int
@@ -180,6 +184,27 @@ class Prefetcher:
                 # The window follows the last request: make it index 0.
                 self.schedule.request((epoch, start))
             self._dispatch()
+
+    def state_may_change(self) -> None:
+        """An epoch boundary: `check_state` looks again at the next read."""
+        self._state_due = True
+
+    def check_state(self, epoch: int, start: int) -> None:
+        """At the first read after an epoch boundary: did loader state change?
+
+        If so, every batch loaded or loading with the old state is dropped
+        (`discard_loaded`), and each worker's next request carries what
+        changed.
+
+        Raises:
+            TypeError: If a change cannot be pickled to reach the workers.
+        """
+        if not self._state_due or self._state is None:
+            return
+        changed = self._state.refresh()  # raises if a change cannot travel
+        self._state_due = False
+        if changed:
+            self.discard_loaded(epoch, start)
 
     def discard_loaded(self, epoch: int, start: int) -> None:
         """Drops every batch loaded ahead and those still loading (loader

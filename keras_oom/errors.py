@@ -2,12 +2,15 @@
 
 How a failure in a worker is encoded, sent and rebuilt in the caller lives
 beside the other messages in `protocol.py`. The wording of a worker's exit
-(`describe_exit`, `likely_causes`) is here, beside the error it explains.
+(`describe_exit`, `likely_causes`, `loss_error`) is here, beside the error
+it explains.
 """
 
 from __future__ import annotations
 
 import signal
+
+from keras_oom.protocol import add_note
 
 
 class WorkerDiedError(RuntimeError):
@@ -93,3 +96,57 @@ def likely_causes(exitcode: int | None) -> str:
             "its stack is in the worker's output above (faulthandler)."
         )
     return ""
+
+
+def loss_error(
+    pid: int, exitcode: int | None, timed_out: bool, timeout: float | None
+) -> WorkerDiedError | WorkerTimeoutError:
+    """The error of a batch whose worker died, or outlived `timeout` seconds.
+
+    Args:
+        pid: The worker's process id.
+        exitcode: Its exit code (`None` if unknown).
+        timed_out: Whether it was killed for taking longer than `timeout`.
+        timeout: The per-batch limit in seconds, named in the message.
+    """
+    if timed_out:
+        return WorkerTimeoutError(
+            f"Worker pid {pid} took longer than timeout={timeout}s and was killed."
+        )
+    return WorkerDiedError(
+        f"Worker pid {pid} {describe_exit(exitcode)}.{likely_causes(exitcode)}",
+        pid=pid,
+        exitcode=exitcode,
+        batch_index=None,
+    )
+
+
+def for_batch(
+    error: BaseException, index: int, ids: str, pid: int | None
+) -> BaseException:
+    """The error to raise for batch `index`, naming it and its ids.
+
+    A died or timed-out worker's error is raised anew with the batch in its
+    message (its pid is named already); any other error (the loader's, of
+    any class) is raised itself, with a note naming the batch and worker.
+
+    Args:
+        error: The batch's error, from its worker or the pool.
+        index: The batch's index, as the caller asked for it.
+        ids: Its sample ids, described (`protocol.describe_ids`).
+        pid: The worker that loaded it, or None.
+    """
+    what = f"batch {index}, ids {ids}"
+    if isinstance(error, WorkerDiedError):
+        return WorkerDiedError(
+            f"{error} It was loading {what}.",
+            pid=error.pid,
+            exitcode=error.exitcode,
+            batch_index=index,
+        )
+    if isinstance(error, WorkerTimeoutError):
+        return WorkerTimeoutError(f"{error} It was loading {what}.")
+    if pid:
+        what += f", in worker pid {pid}"
+    add_note(error, f"keras_oom: while loading {what}")
+    return error

@@ -13,6 +13,17 @@ from collections import OrderedDict
 
 import numpy as np
 
+# The shard arithmetic is sharding.py's; importable from here, as it was.
+from keras_oom.sharding import SHARD_MODES, shard_positions, shard_size
+
+__all__ = [
+    "SHARD_MODES",
+    "BatchPlan",
+    "epoch_permutation",
+    "shard_positions",
+    "shard_size",
+]
+
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """Returns the sample order of `epoch`, a permutation of `num_samples`.
@@ -31,35 +42,6 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """
     rng = np.random.default_rng([seed, epoch])
     return rng.permutation(num_samples)
-
-
-SHARD_MODES = ("pad", "drop")
-
-
-def shard_size(num_samples: int, count: int, mode: str) -> int:
-    """Samples per shard when `num_samples` are split `count` ways."""
-    if mode == "pad":
-        return -(-num_samples // count)
-    return num_samples // count
-
-
-def shard_positions(order: np.ndarray, index: int, count: int, mode: str) -> np.ndarray:
-    """The part of one epoch's `order` that shard `index` of `count` reads.
-
-    Shards take every `count`-th sample of the epoch's order, starting at
-    `index`, so they are disjoint and, with a shared seed, together cover the
-    epoch. All shards get the same number of samples, so that every process
-    runs the same number of steps: with `mode="pad"` the order is extended by
-    repeating its first samples (a few samples are then seen twice per
-    epoch), with `mode="drop"` its last `len(order) % count` samples are left
-    out of this epoch.
-    """
-    if count == 1:
-        return order
-    total = shard_size(len(order), count, mode) * count
-    # np.resize repeats the order cyclically, also when count > len(order).
-    full = np.resize(order, total) if mode == "pad" else order[:total]
-    return full[index::count]
 
 
 class BatchPlan:

@@ -10,9 +10,7 @@ to a worker and back), over an executor: the local process pool
 from __future__ import annotations
 
 import copy
-import numbers
 import os
-import pickle
 import threading
 import warnings
 import weakref
@@ -20,27 +18,30 @@ from collections.abc import Callable
 from typing import Any
 
 from keras_oom import stats as stats_module
+from keras_oom.checks import (
+    as_index,
+    as_seconds,
+    check_worker_args,
+    refuse_keras_parallelism,
+)
 from keras_oom.dataset import LoaderDataset
 from keras_oom.engine import Prefetcher
-from keras_oom.errors import DatasetClosedError, WorkerDiedError, WorkerTimeoutError
+from keras_oom.errors import DatasetClosedError, for_batch
 from keras_oom.executor import Executor
-from keras_oom.launch import START_METHODS, default_start_method, pickle_setup
+from keras_oom.launch import default_start_method, pickle_setup
+from keras_oom.per_process import Owner, PerProcess
 from keras_oom.process_pool import ProcessPool
 from keras_oom.protocol import (
     Outcome,
     WorkerSetup,
-    add_note,
     deferred_interrupts,
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.source import as_index
-from keras_oom.state import StateTracker, Update
-
-_KERAS_PARALLELISM = ("workers", "use_multiprocessing", "max_queue_size")
+from keras_oom.state import StateTracker, Update, position_updates
 
 
-class PrefetchLoaderDataset(LoaderDataset):
+class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     """A `LoaderDataset` whose loader runs ahead in a pool of worker processes.
 
     `num_workers` processes start at the dataset's first use (the first
@@ -141,40 +142,14 @@ class PrefetchLoaderDataset(LoaderDataset):
         **kwargs: Any,
     ) -> None:
         before = set(vars(self))  # a subclass's own attributes, set first
-        for name in _KERAS_PARALLELISM:
-            if name in kwargs:
-                raise ValueError(
-                    f"PrefetchLoaderDataset loads in its own worker processes; "
-                    f"use `num_workers` instead of Keras's `{name}`. "
-                    f"Received: {name}={kwargs[name]!r}"
-                )
+        refuse_keras_parallelism(kwargs)
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(*args, workers=1, use_multiprocessing=False, **kwargs)
-        num_workers = _check_num_workers(num_workers)
-        self._timeout = _check_timeout(timeout)
-        if start_method is not None and start_method not in START_METHODS:
-            raise ValueError(
-                f"`start_method` must be one of {START_METHODS} or None. "
-                f"Received: start_method={start_method!r}"
-            )
-        if worker_init is not None and not callable(worker_init):
-            raise TypeError(
-                f"`worker_init` must be callable, as worker_init(index). "
-                f"Received: worker_init={worker_init!r}"
-            )
-        if executor is not None:
-            if not isinstance(executor, Executor):
-                raise TypeError(
-                    f"`executor` must implement keras_oom.executor.Executor "
-                    f"(start, submit, wait, take_events, ...), or be None. "
-                    f"Received: executor={executor!r}"
-                )
-            if start_method is not None:
-                raise ValueError(
-                    f"`start_method` is for the local pool only; an executor "
-                    f"starts its workers its own way. Received: "
-                    f"start_method={start_method!r} with executor={executor!r}"
-                )
+        num_workers = as_index(
+            num_workers, "num_workers", minimum=1, what="a positive integer"
+        )
+        self._timeout = as_seconds(timeout, "timeout")
+        check_worker_args(start_method, worker_init, executor)
         self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
@@ -199,36 +174,19 @@ class PrefetchLoaderDataset(LoaderDataset):
         # The dataset's own machinery: never loader state (see state.py).
         self._internal = frozenset(vars(self)) - before | {"_internal"}
 
-    # What `_init_runtime` builds: per process, never copied (`__getstate__`).
-    _RUNTIME = (
-        "_lock",
-        "_owner_pid",
-        "_engine",
-        "_closed",
-        "_reads",
-        "_final_stats",
-        "_finalizer",
-        "_state",
-        "_state_due",
-    )
-
     def _init_runtime(self) -> None:
         """The per-process state: no engine until the dataset is first used.
 
-        Sets exactly the attributes named in `_RUNTIME`.
+        Never copied: a copy builds its own (per_process.PerProcess).
         """
         self._lock = threading.RLock()
-        self._owner_pid = os.getpid()
+        self._owner = Owner()
         self._engine: Prefetcher | None = None
         self._closed = False
         # Counted apart from the read lock: stats() never waits for a read.
         self._reads = stats_module.ReadStats()
         self._final_stats: dict[str, Any] | None = None
         self._finalizer: weakref.finalize | None = None
-        # Loader state between epochs (state.py): what workers have, and
-        # whether to look again at the next read.
-        self._state: StateTracker | None = None
-        self._state_due = False
 
     def _worker_setup(self) -> WorkerSetup:
         if not self._load_overridden():
@@ -271,7 +229,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         """
         with self._lock:
             engine = self._ensure_started()
-            self._check_state()
+            engine.check_state(self._epoch, self._start)
             epoch, batch = self._locate(index)
             self._passes.read(self._global_index(epoch, batch))
             outcome = engine.get((epoch, batch))
@@ -282,12 +240,12 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def on_epoch_begin(self) -> None:
         with self._lock:
-            self._state_due = True
+            self._state_may_change()
             super().on_epoch_begin()
 
     def on_epoch_end(self) -> None:
         with self._lock:
-            self._state_due = True
+            self._state_may_change()
             before = self._epoch, self._start
             super().on_epoch_end()
             if (self._epoch, self._start) != before:
@@ -295,7 +253,7 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         with self._lock:
-            self._state_due = True
+            self._state_may_change()
             start = self._start
             super().set_epoch(epoch, batch)
             self._ensure_started()
@@ -309,10 +267,13 @@ class PrefetchLoaderDataset(LoaderDataset):
         right for every batch loaded ahead unless `_start` changed, or, with
         `repeat=True`, `epoch` did.
         """
+        engine = self._engine
+        if engine is None:
+            return
         if self._load_overridden() and (self._repeat or self._start != start_before):
-            self._discard_loaded()
+            engine.discard_loaded(self._epoch, self._start)  # all loaded ahead
         else:
-            self._restart_window()
+            engine.restart(self._epoch, self._start)  # from what index 0 reads
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -323,7 +284,7 @@ class PrefetchLoaderDataset(LoaderDataset):
         batches afterwards raises `DatasetClosedError`; `stats()` still
         reports the final numbers.
         """
-        if self._owns() and self._engine is not None:
+        if self._owner.here() and self._engine is not None:
             self._final_stats = self._stats_now(self._engine)
         # Workers first, without the lock: a thread waiting in ds[i] for a
         # stuck loader holds it, and wakes up (DatasetClosedError) when the
@@ -428,15 +389,11 @@ class PrefetchLoaderDataset(LoaderDataset):
 
     # -- scheduling -----------------------------------------------------------
 
-    def _owns(self) -> bool:
-        """Whether this process owns the workers (not a fork of the owner)."""
-        return os.getpid() == self._owner_pid
-
     def _ensure_started(self) -> Prefetcher:
         """The engine, started at first use; raises if it cannot serve."""
-        if not self._owns():
+        if not self._owner.here():
             raise RuntimeError(
-                f"This PrefetchLoaderDataset belongs to process {self._owner_pid}; "
+                f"This PrefetchLoaderDataset belongs to process {self._owner.pid}; "
                 f"this is process {os.getpid()}, a fork of it. Its workers "
                 f"serve only their owner: build a new dataset in this process."
             )
@@ -469,7 +426,7 @@ class PrefetchLoaderDataset(LoaderDataset):
                 epoch=self._epoch,
                 start=self._start,
             )
-            self._engine, self._state = engine, state
+            self._engine = engine
             self._finalizer = weakref.finalize(self, executor.close)
         return engine
 
@@ -479,103 +436,29 @@ class PrefetchLoaderDataset(LoaderDataset):
             return copy.deepcopy(self._executor)
         return ProcessPool(self._start_method)
 
-    def _restart_window(self) -> None:
-        """Loads ahead from what index 0 reads: batch `_start` of `_epoch`."""
-        if self._engine is not None:
-            self._engine.restart(self._epoch, self._start)
-
     # -- loader state between epochs (state.py) -------------------------------
 
     def _track_state(self) -> StateTracker:
         """Fingerprints what workers are about to get, to see it change."""
         if self._load_overridden():
             return StateTracker(self, self._internal, type(self).__name__)
-        loader = self._loader
-        name = getattr(loader, "__qualname__", None) or type(loader).__name__
-        return StateTracker(loader, owner=name)
+        return StateTracker(self._loader)
 
-    def _check_state(self) -> None:
-        """At the first read after an epoch boundary: did the state change?
-
-        If so, every batch loaded or loading with the old state is dropped,
-        and each worker's next request carries what changed.
-        """
-        if not self._state_due or self._state is None:
-            return
-        changed = self._state.refresh()  # raises if a change cannot travel
-        self._state_due = False
-        if changed:
-            self._discard_loaded()
-
-    def _discard_loaded(self) -> None:
-        """Drops every batch loaded ahead, and those still loading."""
+    def _state_may_change(self) -> None:
+        """An epoch boundary: look for changed loader state at the next read."""
         if self._engine is not None:
-            self._engine.discard_loaded(self._epoch, self._start)
+            self._engine.state_may_change()
 
     def _position_state(self, key: Key) -> tuple[Update, ...]:
-        """`_epoch` and `_start` as the dataset will have them when `key` is
-        read, for a subclass's `load` that reads `self.epoch`."""
+        """`_epoch` and `_start` as they will be when `key` is read, for a
+        subclass's `load` that reads `self.epoch` (none for a loader)."""
         if not self._load_overridden():
             return ()
-        epoch = self._epoch
-        if not self._repeat:
-            epoch = key[0] - (1 if key[1] < self._start else 0)
-        return (
-            (("attr", "_epoch"), pickle.dumps(epoch)),
-            (("attr", "_start"), pickle.dumps(self._start)),
-        )
+        return position_updates(key, self._epoch, self._start, self._repeat)
 
     def _raise(self, outcome: Outcome, epoch: int, batch: int) -> None:
-        error = outcome.error
-        assert error is not None
+        """Raises the batch's error, naming the batch, its ids and worker."""
+        assert outcome.error is not None
         index = self._global_index(epoch, batch)
-        what = f"batch {index}, ids {describe_ids(self._source.ids(epoch, batch))}"
-        # The pool's messages already name the worker's pid.
-        if isinstance(error, WorkerDiedError):
-            raise WorkerDiedError(
-                f"{error} It was loading {what}.",
-                pid=error.pid,
-                exitcode=error.exitcode,
-                batch_index=index,
-            ) from None
-        if isinstance(error, WorkerTimeoutError):
-            raise WorkerTimeoutError(f"{error} It was loading {what}.") from None
-        if outcome.pid:
-            what += f", in worker pid {outcome.pid}"
-        add_note(error, f"keras_oom: while loading {what}")
-        raise error
-
-    # -- copies: a new, unstarted dataset with the same batches ---------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for name in self._RUNTIME:  # rebuilt by _init_runtime
-            state.pop(name, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
-
-
-def _check_num_workers(num_workers: Any) -> int:
-    value = as_index(num_workers, "num_workers")
-    if value < 1:
-        raise ValueError(
-            f"`num_workers` must be at least 1. Received: num_workers={num_workers}"
-        )
-    return value
-
-
-def _check_timeout(timeout: Any) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(
-            f"`timeout` must be a number of seconds or None. "
-            f"Received: timeout={timeout!r} of type {type(timeout).__name__}"
-        )
-    value = float(timeout)
-    if not value > 0:  # also NaN
-        raise ValueError(f"`timeout` must be positive. Received: timeout={timeout}")
-    return None if value == float("inf") else value
+        ids = describe_ids(self._source.ids(epoch, batch))
+        raise for_batch(outcome.error, index, ids, outcome.pid)

@@ -37,38 +37,9 @@ right):
   epoch. How they start is launch.py's; their process handles are
   processes.py's.
 
-How a pool ends, and what handles each case. Every process the pool
-starts is ended and reaped by the pool, whichever way it leaves, with its
-process group (the processes its loader started):
-
-- `close()`: each worker gets a goodbye (`None`) and its socket is closed
-  (idle workers exit, running their clean-up), then the remaining groups
-  get SIGTERM, then `_release` kills what is left of each group (SIGKILL)
-  and reaps the worker. It may come from another thread while the owner
-  waits: the owner wakes with `DatasetClosedError`. Each worker is
-  released exactly once, and a worker started while close() runs is
-  ended by its starter.
-- The owner is garbage collected, or the interpreter exits: the dataset's
-  `weakref.finalize` calls `close()`. (`multiprocessing`'s exit handler,
-  which joins non-daemonic children, does not know the workers.)
-- A worker dies (a crash, the OOM killer, a kill by hand): its pidfd wakes
-  `wait`, `_lose` kills what is left of its group, and the worker index restarts.
-- A worker's stream breaks while it runs (a reply that does not decode),
-  or its batch outlives `timeout`: `_lose` ends it, with its group.
-- A start fails after its process exists: the starter ends the process.
-- The parent dies, even by SIGKILL: each worker sees end-of-file without a
-  goodbye, or its thread watching the parent's pidfd wakes, and kills its
-  own group at once (worker.py).
-- Ctrl-C: workers ignore SIGINT. In the parent, state changes run with
-  SIGINT deferred (`deferred_interrupts`), so a KeyboardInterrupt lands only
-  between consistent states, never between a message and its descriptor.
-- The user's process forks (`os.fork()`): the child inherits the pool's
-  descriptors but must not use them; `close()` in the child only lets go
-  of them, and an at-fork hook gives the child fresh locks.
-- What is not covered: a process the loader started that leaves the
-  worker's group on purpose (`setsid`, `start_new_session=True`) is its
-  own; and where the kernel has no pidfds (Linux before 5.3), the death of
-  a worker whose loader's children live on is seen only once they end.
+How a pool ends, and what handles each case (close, a death, a timeout, a
+fork, the parent's death, Ctrl-C): pool_shutdown.py, beside the code that
+ends workers.
 """
 
 from __future__ import annotations
@@ -80,16 +51,12 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from keras_oom import processes
 from keras_oom.errors import (
     DatasetClosedError,
-    WorkerDiedError,
     WorkerStartError,
-    WorkerTimeoutError,
     describe_exit,
-    likely_causes,
+    loss_error,
 )
-from keras_oom.executor import MAX_START_FAILURES, RETRY_PAUSE
 from keras_oom.launch import (
     MAIN_REIMPORT_EXIT,
     START_METHODS,
@@ -99,6 +66,7 @@ from keras_oom.launch import (
     main_reimport_message,
     reimport_hint,
 )
+from keras_oom.pool_shutdown import release, stop
 from keras_oom.processes import Process, close_conn
 from keras_oom.protocol import (
     Arrived,
@@ -115,16 +83,12 @@ from keras_oom.protocol import (
     add_note,
     decode_error,
     deferred_interrupts,
-    describe_error,
 )
+from keras_oom.restarts import Restarts
 from keras_oom.transport import BatchReader
 
 __all__ = ["START_METHODS", "ProcessPool"]
 
-# close(): how long idle workers get to exit on their own, then how long
-# SIGTERM gets before SIGKILL.
-_EXIT_GRACE = 0.1
-_TERM_GRACE = 0.5
 # A worker's start-up (a fresh interpreter importing what the loader needs)
 # does not count against `timeout`; this bounds it instead.
 _START_GRACE = 60.0
@@ -170,13 +134,8 @@ class ProcessPool:
         self._launcher: Launcher | None = None
         self._timeout: float | None = None
         self._closed = False
-        self._broken: BaseException | None = None
-        self._broken_raised = False
         self._workers: list[_Worker | None] = []
-        self._retry_at: list[float] = []
-        # Failed starts in a row, per index: one Ctrl-C that kills every
-        # starting worker is one failure of each, not a broken pool.
-        self._failures: list[int] = []
+        self._restarts = Restarts()
         self.retired_cpu_seconds = 0.0  # of workers that are gone, for stats
         self._events: list[Event] = []  # until take_events()
         # Guards the workers against close() from another thread (or a
@@ -198,8 +157,7 @@ class ProcessPool:
         self._launcher = Launcher(setup, self.start_method)
         self._timeout = timeout
         self._workers = [None] * num_workers
-        self._retry_at = [0.0] * num_workers
-        self._failures = [0] * num_workers
+        self._restarts = Restarts(num_workers)
         self.started_at = time.perf_counter()
         try:
             for worker_index in range(num_workers):
@@ -218,16 +176,16 @@ class ProcessPool:
 
     def _fill(self, worker_index: int) -> None:
         """Starts worker `worker_index`, recording a failure if it fails."""
-        if self._closed or self._broken is not None:
+        if self._closed or self._restarts.broken is not None:
             return
         assert self._launcher is not None
         try:
             process, conn = self._launcher.start(worker_index)
         except Unpicklable as e:
-            self._break(e.error)
+            self._restarts.break_(e.error)
             return
         except Exception as e:
-            self._start_failed(worker_index, e)
+            self._restarts.failed(worker_index, e)
             return
         try:
             new = _Worker(worker_index, process, conn)
@@ -235,34 +193,16 @@ class ProcessPool:
             # The process exists: a start that fails now must end it.
             close_conn(conn)
             process.close()
-            self._start_failed(worker_index, e)
+            self._restarts.failed(worker_index, e)
             return
         with self._state_lock:
             accepted = not self._closed  # else closed from another thread
             if accepted:
                 self._workers[worker_index] = new
         if not accepted:
-            _stop([new])
+            stop([new])
             return
         self._events.append(Joined(worker_index))
-
-    def _start_failed(self, worker_index: int, error: BaseException) -> None:
-        self._failures[worker_index] += 1
-        failures = self._failures[worker_index]
-        if failures >= MAX_START_FAILURES:
-            broken = WorkerStartError(
-                f"keras_oom worker {worker_index} failed to start {failures} "
-                f"times in a row; the last time: {describe_error(error)}"
-            )
-            broken.__cause__ = error
-            self._break(broken)
-        else:
-            pause = RETRY_PAUSE * 2 ** (failures - 1)
-            self._retry_at[worker_index] = time.monotonic() + pause
-
-    def _break(self, error: BaseException) -> None:
-        if self._broken is None:
-            self._broken = error
 
     # -- requests -----------------------------------------------------------
 
@@ -303,7 +243,7 @@ class ProcessPool:
             return
         live = [w for w in self._workers if w is not None]
         vacant = [i for i, w in enumerate(self._workers) if w is None]
-        deadlines = [self._retry_at[i] - time.monotonic() for i in vacant]
+        deadlines = [self._restarts.seconds_until(i) for i in vacant]
         if self._timeout is not None:
             now = time.perf_counter()
             deadlines += [self._deadline(w) - now for w in live if w.busy]
@@ -345,9 +285,8 @@ class ProcessPool:
             w.process.kill()
 
     def _refill(self) -> None:
-        now = time.monotonic()
         for worker_index, w in enumerate(self._workers):
-            if w is None and now >= self._retry_at[worker_index]:
+            if w is None and self._restarts.due(worker_index):
                 self._fill(worker_index)
 
     def _drain(self, w: _Worker) -> bool:
@@ -369,12 +308,12 @@ class ProcessPool:
         if isinstance(msg, Ready):
             w.ready = True
             w.started = time.perf_counter()  # `timeout` counts loading only
-            self._failures[w.worker_index] = 0
+            self._restarts.started(w.worker_index)
             return
         if isinstance(msg, StartFailed):
             error = decode_error(msg.error, f"{w} while starting")
             add_note(error, "keras_oom: the pool cannot start workers; it is broken")
-            self._break(error)
+            self._restarts.break_(error)
             return
         if isinstance(msg, Failed):
             outcome = Outcome(error=decode_error(msg.error, str(w)))
@@ -408,7 +347,7 @@ class ProcessPool:
         # answering, and its stream cannot be trusted: _release ends it.
         w.process.join(_LOSE_GRACE)
         exitcode = w.process.exitcode
-        _release(w)
+        release(w)
         if not w.ready and not timed_out:
             self._lost_while_starting(w, exitcode)
         self.retired_cpu_seconds += w.cpu_seconds
@@ -417,39 +356,25 @@ class ProcessPool:
         # and a broken pool raises what broke it at the next call: either
         # way the batch goes back to be sent again, and the start failure
         # (e.g. from worker_init) decides what the caller sees.
-        if w.busy and (w.ready or timed_out) and self._broken is None:
-            outcome = Outcome(error=self._loss_error(w, exitcode, timed_out), pid=w.pid)
+        if w.busy and (w.ready or timed_out) and self._restarts.broken is None:
+            error = loss_error(w.pid, exitcode, timed_out, self._timeout)
+            outcome = Outcome(error=error, pid=w.pid)
         self._events.append(Lost(w.worker_index, outcome))
-        if self._retry_at[w.worker_index] <= time.monotonic():
+        if self._restarts.due(w.worker_index):
             self._fill(w.worker_index)
 
     def _lost_while_starting(self, w: _Worker, exitcode: int | None) -> None:
         method = self.start_method
         if exitcode == MAIN_REIMPORT_EXIT:
             message = main_reimport_message(w.worker_index, w.pid, method)
-            self._break(WorkerStartError(message))
+            self._restarts.break_(WorkerStartError(message))
             return
-        self._start_failed(
+        self._restarts.failed(
             w.worker_index,
             RuntimeError(
                 f"{w} {describe_exit(exitcode)} before it was ready; see its "
                 f"output above{reimport_hint(method)}"
             ),
-        )
-
-    def _loss_error(
-        self, w: _Worker, exitcode: int | None, timed_out: bool
-    ) -> BaseException:
-        if timed_out:
-            return WorkerTimeoutError(
-                f"Worker pid {w.pid} took longer than timeout={self._timeout}s "
-                f"and was killed."
-            )
-        return WorkerDiedError(
-            f"Worker pid {w.pid} {describe_exit(exitcode)}.{likely_causes(exitcode)}",
-            pid=w.pid,
-            exitcode=exitcode,
-            batch_index=None,
         )
 
     def _deadline(self, w: _Worker) -> float:
@@ -460,16 +385,7 @@ class ProcessPool:
     def raise_if_broken(self) -> None:
         """Raises what broke the pool: its own error once, then a
         `WorkerStartError` caused by it."""
-        broken = self._broken
-        if broken is None:
-            return
-        if not self._broken_raised and not isinstance(broken, WorkerStartError):
-            self._broken_raised = True
-            raise broken
-        error = WorkerStartError(
-            f"The dataset's worker pool is broken: {describe_error(broken)}"
-        )
-        raise error from broken
+        self._restarts.raise_if_broken()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -517,7 +433,7 @@ class ProcessPool:
                 close_conn(w.conn)
                 w.process.forget()
             return
-        _stop(workers)
+        stop(workers)
 
 
 def _receive(w: _Worker, msg: Loaded) -> Outcome:
@@ -540,50 +456,3 @@ def _receive(w: _Worker, msg: Loaded) -> Outcome:
         add_note(e, f"keras_oom: the batch from {w} could not be {how} in the parent")
         outcome.error = e
     return outcome
-
-
-def _stop(workers: list[_Worker]) -> None:
-    """Ends `workers`: end-of-file, then SIGTERM, then SIGKILL.
-
-    Each signal goes to a worker's whole process group, and `_release`
-    ends what is left of the group even after a clean exit: processes the
-    loader started do not outlive their worker.
-    """
-    for w in workers:
-        # Goodbye first: an idle worker exits as asked, its loader's clean-up
-        # included; end-of-file alone would tell it that the parent died.
-        with contextlib.suppress(OSError, ValueError):
-            w.conn.send(None)
-        close_conn(w.conn)
-    _join_all(workers, _EXIT_GRACE)
-    for w in workers:
-        if w.process.exitcode is None:
-            w.process.terminate()
-    _join_all(workers, _TERM_GRACE)
-    for w in workers:
-        _release(w)
-
-
-def _join_all(workers: list[_Worker], seconds: float) -> None:
-    alive: list[Any] = [
-        w.process.sentinel for w in workers if w.process.exitcode is None
-    ]
-    deadline = time.monotonic() + seconds
-    while alive:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        for s in wait(alive, left):
-            alive.remove(s)
-
-
-def _release(w: _Worker) -> None:
-    """Ends `w` for good, once, whoever calls first: closes its socket,
-    kills what is left of its process group, reaps it."""
-    with processes.RELEASE_LOCK:
-        if w.released:
-            return
-        w.released = True
-    close_conn(w.conn)
-    w.process.close()
-    processes.reap_leftovers()

@@ -63,7 +63,6 @@ from keras_oom.errors import (
     WorkerStartError,
     WorkerTimeoutError,
 )
-from keras_oom.executor import MAX_START_FAILURES, RETRY_PAUSE
 from keras_oom.protocol import (
     Arrived,
     Event,
@@ -77,6 +76,7 @@ from keras_oom.protocol import (
     describe_error,
     safe_str,
 )
+from keras_oom.restarts import Restarts
 
 __all__ = ["RayExecutor"]
 
@@ -226,11 +226,10 @@ class RayExecutor:
         self._setup_ref: Any = None
         self._timeout: float | None = None
         self._closed = False
-        self._broken: BaseException | None = None
-        self._broken_raised = False
+        # Failed starts per actor index, the pause before the next, and
+        # what broke the executor: the local pool's own bookkeeping.
+        self._restarts = Restarts()
         self._actors: list[_Actor | None] = []
-        self._retry_at: list[float] = []
-        self._failures: list[int] = []
         self._loads: dict[int, _Pending] = {}  # worker index -> its load
         self._setups: dict[Any, _Actor] = {}  # setup ref -> actor
         self._by_ref: dict[Any, int] = {}  # load ref -> worker index
@@ -264,8 +263,7 @@ class RayExecutor:
         self.started_at = time.perf_counter()
         self._timeout = timeout
         self._actors = [None] * num_workers
-        self._retry_at = [0.0] * num_workers
-        self._failures = [0] * num_workers
+        self._restarts = Restarts(num_workers)
         try:
             if not ray.is_initialized():
                 ray.init()  # as Ray's own APIs do at their first use
@@ -295,13 +293,13 @@ class RayExecutor:
     def _fill(self, slot: int) -> None:
         """Creates the actor of `slot`; its indexes join at once (their
         loads queue behind its setup)."""
-        if self._closed or self._broken is not None:
+        if self._closed or self._restarts.broken is not None:
             return
         try:
             handle = self._remote.options(**self._options()).remote()
             setup_ref = handle.setup.remote(self._setup_ref, slot)
         except Exception as e:
-            self._start_failed(slot, e)
+            self._restarts.failed(slot, e)
             return
         actor = _Actor(slot, handle, setup_ref)
         with self._state_lock:
@@ -317,27 +315,9 @@ class RayExecutor:
     def _indexes(self, slot: int) -> range:
         return range(slot * self.in_flight, (slot + 1) * self.in_flight)
 
-    def _start_failed(self, slot: int, error: BaseException) -> None:
-        self._failures[slot] += 1
-        failures = self._failures[slot]
-        if failures >= MAX_START_FAILURES:
-            broken = WorkerStartError(
-                f"keras_oom's Ray actor for worker {slot} failed to start "
-                f"{failures} times in a row; the last time: {describe_error(error)}"
-            )
-            broken.__cause__ = error
-            self._break(broken)
-        else:
-            self._retry_at[slot] = time.monotonic() + RETRY_PAUSE * 2 ** (failures - 1)
-
-    def _break(self, error: BaseException) -> None:
-        if self._broken is None:
-            self._broken = error
-
     def _refill(self) -> None:
-        now = time.monotonic()
         for slot, actor in enumerate(self._actors):
-            if actor is None and now >= self._retry_at[slot]:
+            if actor is None and self._restarts.due(slot):
                 self._fill(slot)
 
     # -- requests -----------------------------------------------------------
@@ -403,7 +383,7 @@ class RayExecutor:
             self._handle(ready)
             self._check_deadlines()
             self._refill()
-            if self._broken is not None:
+            if self._restarts.broken is not None:
                 self.raise_if_broken()
             if self._events or not self.expecting():
                 return
@@ -459,11 +439,11 @@ class RayExecutor:
         if status == "failed":
             error = decode_error(payload, f"{actor} while starting")
             add_note(error, "keras_oom: the Ray executor cannot start actors; broken")
-            self._break(error)
+            self._restarts.break_(error)
             return
         actor.ready = True
         actor.head_since = time.monotonic()  # `timeout` counts loading only
-        self._failures[actor.slot] = 0
+        self._restarts.started(actor.slot)
 
     def _load_done(self, ref: Any) -> None:
         ray = self._ray
@@ -505,7 +485,7 @@ class RayExecutor:
                 continue
             if not actor.ready:
                 if now >= actor.created + self.start_timeout:
-                    self._break(self._unschedulable(actor))
+                    self._restarts.break_(self._unschedulable(actor))
             elif (
                 self._timeout is not None
                 and actor.queue
@@ -518,7 +498,7 @@ class RayExecutor:
         deadlines = [math.inf]
         for slot, actor in enumerate(self._actors):
             if actor is None:
-                deadlines.append(self._retry_at[slot])
+                deadlines.append(time.monotonic() + self._restarts.seconds_until(slot))
             elif not actor.ready:
                 deadlines.append(actor.created + self.start_timeout)
             elif self._timeout is not None and actor.queue:
@@ -569,15 +549,15 @@ class RayExecutor:
             if pending is not None:
                 self._by_ref.pop(pending.ref, None)
             outcome = None
-            if pending is not None and self._broken is None:
+            if pending is not None and self._restarts.broken is None:
                 outcome = self._loss_outcome(
                     actor, pending, index, head, cause, timed_out
                 )
             self._events.append(Lost(index, outcome))
         self.retired_cpu_seconds += actor.cpu_seconds
         if not actor.ready and timed_out is None and not actor.killed:
-            self._start_failed(actor.slot, cause or RuntimeError("lost"))
-        if self._retry_at[actor.slot] <= time.monotonic():
+            self._restarts.failed(actor.slot, cause or RuntimeError("lost"))
+        if self._restarts.due(actor.slot):
             self._fill(actor.slot)
 
     def _loss_outcome(
@@ -622,19 +602,7 @@ class RayExecutor:
     def raise_if_broken(self) -> None:
         """Raises what broke the executor: its own error once, then a
         `WorkerStartError` caused by it."""
-        broken = self._broken
-        if broken is None:
-            return
-        if not self._broken_raised and not isinstance(broken, WorkerStartError):
-            self._broken_raised = True
-            raise broken
-        if isinstance(broken, WorkerStartError) and not self._broken_raised:
-            self._broken_raised = True
-            raise broken
-        error = WorkerStartError(
-            f"The dataset's Ray executor is broken: {describe_error(broken)}"
-        )
-        raise error from broken
+        self._restarts.raise_if_broken()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -744,14 +712,9 @@ def _check_num_cpus(num_cpus: Any) -> float:
 
 
 def _check_in_flight(in_flight: Any) -> int:
-    from keras_oom.source import as_index
+    from keras_oom.checks import as_index
 
-    value = as_index(in_flight, "in_flight")
-    if value < 1:
-        raise ValueError(
-            f"`in_flight` must be at least 1. Received: in_flight={in_flight}"
-        )
-    return value
+    return as_index(in_flight, "in_flight", minimum=1, what="a positive integer")
 
 
 def _check_actor_options(actor_options: Any) -> dict[str, Any]:

@@ -1,14 +1,13 @@
-"""Batches built in place: `batch_array` and per-sample loaders (`stack_samples`).
-
-`batch_array(shape, dtype)` is `np.empty` for a loader's batch. In a
-`PrefetchLoaderDataset` worker it returns an array that lives in the
-worker's shared memory, so the batch reaches the caller with no copy at all
-(transport.py); everywhere else it is `np.empty`.
+"""Per-sample loaders (`stack_samples`), and `batch_array` (arrays.py).
 
 `stack_samples(sample_loader, threads=N)` turns a function of one sample id
 into a loader of batches: it calls the function per id, optionally in a
 thread pool of its own in each process, and writes each sample into its
-row of a `batch_array` as it arrives.
+row of a `batch_array` as it arrives, so that a worker sends the batch with
+no copy (arrays.py, transport.py).
+
+`batch_array` is defined in arrays.py and importable from here, as it always
+was.
 
 This module runs in workers too: it imports neither Keras nor a backend.
 """
@@ -16,116 +15,21 @@ This module runs in workers too: it imports neither Keras nor a backend.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, SupportsIndex
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from keras_oom import seeding, transport
+from keras_oom import seeding
+from keras_oom.arrays import batch_array
+from keras_oom.checks import as_index
+from keras_oom.per_process import Owner, PerProcess
 from keras_oom.protocol import add_note, describe_id
 
-
-def batch_array(
-    shape: SupportsIndex | Sequence[SupportsIndex], dtype: Any = float, order: Any = "C"
-) -> np.ndarray:
-    """Returns an uninitialised array to build a batch in, like `np.empty`.
-
-    Call it in a loader in place of `np.empty` for the batch (or for each
-    array of a multi-input batch), fill it, and return it. It accepts
-    exactly what `np.empty(shape, dtype, order=order)` accepts and gives an
-    array of the same shape, dtype and strides (a subarray dtype such as
-    `np.dtype((np.float32, (3,)))` adds its dimensions to `shape`, as in
-    NumPy), or raises the same error type, in every process. In the
-    caller's process (a `LoaderDataset`, or any process that is not a
-    `PrefetchLoaderDataset` worker) it is `np.empty`. In a worker it is an
-    array in the worker's shared memory, which the parent maps: returned
-    (alone, or in a tuple or dict), it crosses to the caller with no copy
-    at all. A view of it (`out[:n]`) crosses in place too.
-
-    An array that the loader allocates but does not return gives its memory
-    back once the loader drops it. A loader may also keep one and refill it
-    for every batch: the batches the caller already holds never change (the
-    first send is in place, later ones are copies). Arrays below 64 KiB,
-    and arrays holding Python objects, are always plain `np.empty`: small
-    batches go through the worker's socket anyway.
-
-    Args:
-        shape: The array's shape: an int or a sequence of ints (NumPy
-            integers and 0-d integer arrays too), as for `np.empty`.
-        dtype: The array's dtype, anything `np.dtype` accepts. Defaults to
-            `float` (float64), as for `np.empty`.
-        order: `"C"` (row-major, the default) or `"F"` (column-major), as
-            for `np.empty`.
-
-    Returns:
-        A writable `np.ndarray`, contiguous in `order`, of `shape` and
-        `dtype`, its contents arbitrary.
-
-    Raises:
-        TypeError: If `shape` is not an int or a sequence of ints (an
-            iterator is not a sequence), `dtype` is not a dtype, or `order`
-            is not a string.
-        ValueError: If a dimension of `shape` is negative, the array would
-            be larger than the address space, or `order` is not `"C"` or
-            `"F"`.
-        MemoryError: If `np.empty` cannot allocate it.
-
-    Example:
-
-    ```python
-    >>> import numpy as np
-    >>> from keras_oom import LoaderDataset, batch_array
-    >>> def loader(ids):
-    ...     out = batch_array((len(ids), 3), np.float32)
-    ...     out[:] = np.asarray(ids)[:, None]
-    ...     return out
-    >>> LoaderDataset(loader, np.arange(4), batch_size=2)[1].tolist()
-    [[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]
-
-    ```
-    """
-    # NumPy itself decides what the arguments mean: one rule in every
-    # process. The allocation is virtual (pages are touched only when
-    # written), so making it and dropping it in a worker costs microseconds.
-    try:
-        template = np.empty(shape, dtype, order=order)
-    except (TypeError, ValueError) as e:
-        raise type(e)(_refusal(shape, dtype, order, e)) from None
-    fortran = template.flags.f_contiguous and not template.flags.c_contiguous
-    out = transport.shared_empty(
-        template.shape, template.dtype, "F" if fortran else "C"
-    )
-    return template if out is None else out
-
-
-def _refusal(shape: Any, dtype: Any, order: Any, error: BaseException) -> str:
-    """Why `np.empty` refused `batch_array`'s arguments, naming one of them."""
-    try:
-        np.dtype(dtype)
-    except (TypeError, ValueError):
-        return (
-            f"`dtype` must be a NumPy dtype, as for np.empty. Received: "
-            f"dtype={dtype!r} ({error})"
-        )
-    try:
-        np.empty(0, order=order)
-    except (TypeError, ValueError):
-        return (
-            f"`order` must be 'C' or 'F', as for np.empty. Received: "
-            f"order={order!r} ({error})"
-        )
-    hint = " An iterator is not a sequence: pass tuple(shape)." * isinstance(
-        shape, Iterator
-    )
-    return (
-        f"`shape` must be an int or a sequence of ints, none negative, as for "
-        f"np.empty. Received: shape={shape!r} with dtype={np.dtype(dtype)} "
-        f"({error}).{hint}"
-    )
+__all__ = ["StackedSamples", "batch_array", "stack_samples"]
 
 
 def stack_samples(
@@ -214,40 +118,24 @@ def stack_samples(
             f"`sample_loader` must be callable, as sample_loader(id) or "
             f"sample_loader(id, rng). Received: sample_loader={sample_loader!r}"
         )
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(
-        threads, (int, np.integer)
-    ):
-        raise TypeError(
-            f"`threads` must be a positive integer. Received: threads={threads!r}"
-        )
-    if threads < 1:
-        raise ValueError(
-            f"`threads` must be a positive integer. Received: threads={threads}"
-        )
-    return StackedSamples(sample_loader, int(threads))
+    threads = as_index(threads, "threads", minimum=1, what="a positive integer")
+    return StackedSamples(sample_loader, threads)
 
 
-class StackedSamples:
+class StackedSamples(PerProcess):
     """The batch loader that `stack_samples` returns."""
 
     def __init__(self, sample_loader: Callable[..., Any], threads: int) -> None:
         self.sample_loader = sample_loader
         self.threads = threads
+        self._wants_rng = seeding.accepts_rng(sample_loader)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._wants_rng = seeding.accepts_rng(self.sample_loader)
+        # Per process (per_process.py): a copy gets none of these.
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pool_pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The thread pool belongs to the process that made it.
-        return {"sample_loader": self.sample_loader, "threads": self.threads}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
+        self._pool_owner: Owner | None = None  # the process that made _pool
 
     def __repr__(self) -> str:
         return f"stack_samples({self.sample_loader!r}, threads={self.threads})"
@@ -312,12 +200,12 @@ class StackedSamples:
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """This process's thread pool, made at its first batch."""
-        pid = os.getpid()
-        if self._pool_pid != pid:  # none yet, or a fork's copy without threads
-            if self._pool_pid != -1:  # the parent's lock may have been held
+        owner = self._pool_owner
+        if owner is None or not owner.here():  # none, or a fork's copy
+            if owner is not None:  # the parent's lock may have been held
                 self._lock = threading.Lock()
             with self._lock:
-                if self._pool_pid != pid:
+                if self._pool_owner is None or not self._pool_owner.here():
                     pool = concurrent.futures.ThreadPoolExecutor(
                         self.threads, thread_name_prefix="keras_oom-samples"
                     )
@@ -325,7 +213,7 @@ class StackedSamples:
                     weakref.finalize(
                         self, pool.shutdown, wait=False, cancel_futures=True
                     )
-                    self._pool, self._pool_pid = pool, pid
+                    self._pool, self._pool_owner = pool, Owner()
         assert self._pool is not None
         return self._pool
 

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 import random
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from keras_oom.checks import as_index
 
 # "koom" in ASCII: the first word of every batch stream's spawn key.
 _DOMAIN = 0x6B6F6F6D
@@ -50,7 +51,7 @@ def batch_position(batch: int, shard: tuple[int, int]) -> int:
     """Returns the place of a shard's batch in the whole, unsharded epoch.
 
     Shard `index` of `count` reads every `count`-th sample of an epoch's
-    order starting at `index` (see `indexing.shard_positions`), so its batch
+    order starting at `index` (see `sharding.shard_positions`), so its batch
     `b` is the `b`-th of `count` interleaved batches: position
     `b * count + index`. Without sharding (`(0, 1)`) the position is the
     batch number.
@@ -235,15 +236,4 @@ def accepts_rng(fn: Callable[..., Any]) -> bool:
 
 
 def _non_negative(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"`{name}` must be an integer. Received: {name}={value!r} "
-            f"of type {type(value).__name__}"
-        ) from None
-    if value < 0:
-        raise ValueError(f"`{name}` must be >= 0. Received: {name}={value}")
-    return value
+    return as_index(value, name, minimum=0, what="a non-negative integer")

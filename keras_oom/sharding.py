@@ -2,22 +2,50 @@
 
 In data-parallel training across processes (one per host, usually), each
 process must read its own disjoint part of every epoch, and every process
-must run the same number of steps, or the collective ops wait forever. The
-split itself is `indexing.shard_positions`; this module validates a user's
-`shard` argument and, for `shard="auto"`, asks the running distribution
-which process this is.
+must run the same number of steps, or the collective ops wait forever.
+This module holds the split (`shard_positions`, `shard_size`: pure
+arithmetic on one epoch's order, which indexing.py's `BatchPlan` applies),
+validates a user's `shard` argument and, for `shard="auto"`, asks the
+running distribution which process this is.
 """
 
 from __future__ import annotations
 
-import operator
 import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from keras_oom.indexing import SHARD_MODES
+from keras_oom.checks import as_index
+
+SHARD_MODES = ("pad", "drop")
+
+
+def shard_size(num_samples: int, count: int, mode: str) -> int:
+    """Samples per shard when `num_samples` are split `count` ways."""
+    if mode == "pad":
+        return -(-num_samples // count)
+    return num_samples // count
+
+
+def shard_positions(order: np.ndarray, index: int, count: int, mode: str) -> np.ndarray:
+    """The part of one epoch's `order` that shard `index` of `count` reads.
+
+    Shards take every `count`-th sample of the epoch's order, starting at
+    `index`, so they are disjoint and, with a shared seed, together cover the
+    epoch. All shards get the same number of samples, so that every process
+    runs the same number of steps: with `mode="pad"` the order is extended by
+    repeating its first samples (a few samples are then seen twice per
+    epoch), with `mode="drop"` its last `len(order) % count` samples are left
+    out of this epoch.
+    """
+    if count == 1:
+        return order
+    total = shard_size(len(order), count, mode) * count
+    # np.resize repeats the order cyclically, also when count > len(order).
+    full = np.resize(order, total) if mode == "pad" else order[:total]
+    return full[index::count]
 
 
 def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
@@ -51,7 +79,7 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             )
         return auto_shard()
     try:
-        index, count = (_as_int(v) for v in shard)
+        index, count = (as_index(v, "shard") for v in shard)
     except (TypeError, ValueError):
         raise TypeError(
             f"`shard` must be None, 'auto' or a pair of integers (index, count). "
@@ -63,13 +91,6 @@ def resolve_shard(shard: Any, shard_mode: str) -> tuple[int, int]:
             f"Received: shard={shard!r}"
         )
     return index, count
-
-
-def _as_int(value: Any) -> int:
-    # `True` passes `operator.index`, but is never an intended shard number.
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"a bool is not an integer: {value!r}")
-    return operator.index(value)
 
 
 def auto_shard() -> tuple[int, int]:

@@ -11,7 +11,6 @@ This module runs in workers too: it imports neither Keras nor a backend.
 
 from __future__ import annotations
 
-import operator
 import reprlib
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from keras_oom import seeding
+from keras_oom.checks import as_index
 from keras_oom.indexing import BatchPlan, shard_size
 from keras_oom.protocol import describe_ids
 from keras_oom.sharding import resolve_shard
@@ -196,19 +196,6 @@ def _take(targets: Any, pos: np.ndarray) -> Any:
     return targets[pos]
 
 
-def as_index(value: Any, name: str) -> int:
-    """`value` as an int, or a TypeError naming `name` (bools are refused)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"`{name}` must be an integer. Received: {name}={value!r} "
-            f"of type {type(value).__name__}"
-        ) from None
-
-
 def _as_sample_ids(sample_ids: Any) -> np.ndarray:
     def refuse(problem: str) -> ValueError:
         # One line, and bounded: the ids may be millions long.
@@ -264,19 +251,11 @@ def _as_aligned(values: Any, n: int, name: str) -> np.ndarray:
     return arr
 
 
+_POSITIVE = "a positive integer"
+
+
 def _check_batch_size(batch_size: Any, n: int, drop_remainder: bool) -> None:
-    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(
-        batch_size, (int, np.integer)
-    ):
-        raise TypeError(
-            f"`batch_size` must be a positive integer. "
-            f"Received: batch_size={batch_size!r} of type {type(batch_size).__name__}"
-        )
-    if batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. "
-            f"Received: batch_size={batch_size}"
-        )
+    batch_size = as_index(batch_size, "batch_size", minimum=1, what=_POSITIVE)
     if batch_size > n and drop_remainder:
         raise ValueError(
             f"`drop_remainder=True` with `batch_size` larger than the number "
@@ -296,29 +275,12 @@ def _as_rows_per_id(rows_per_id: Any, has_targets: bool) -> int | None:
                 "with labels"
             )
         return None
-    if isinstance(rows_per_id, (bool, np.bool_)) or not isinstance(
-        rows_per_id, (int, np.integer)
-    ):
-        raise TypeError(
-            f"`rows_per_id` must be a positive integer or None. Received: "
-            f"rows_per_id={rows_per_id!r} of type {type(rows_per_id).__name__}"
-        )
-    if rows_per_id < 1:
-        raise ValueError(
-            f"`rows_per_id` must be a positive integer or None. "
-            f"Received: rows_per_id={rows_per_id}"
-        )
-    return int(rows_per_id)
+    return as_index(
+        rows_per_id, "rows_per_id", minimum=1, what="a positive integer or None"
+    )
 
 
 def _as_seed(seed: Any) -> int:
     if seed is None:
         return secrets.randbits(32)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(
-            f"`seed` must be a non-negative integer or None. "
-            f"Received: seed={seed!r} of type {type(seed).__name__}"
-        )
-    if seed < 0:
-        raise ValueError(f"`seed` must be non-negative. Received: seed={seed}")
-    return int(seed)
+    return as_index(seed, "seed", minimum=0, what="a non-negative integer or None")

@@ -128,15 +128,17 @@ class StateTracker:
     ) -> None:
         self._target = target
         self._exclude = exclude
-        self._owner = owner or type(target).__name__
+        if owner is None:
+            owner = getattr(target, "__qualname__", None) or type(target).__name__
+        self._owner = owner
         self._baseline = self._fingerprints(state_of(target, exclude))
         self._current = self._baseline
         self._payloads: dict[Slot, tuple[tuple, bytes]] = {}
         self._known: dict[int, dict[Slot, tuple]] = {}
 
-    def joined(self, worker: int) -> None:
+    def joined(self, worker_index: int) -> None:
         """A new worker started, with the state the pool started with."""
-        self._known[worker] = self._baseline
+        self._known[worker_index] = self._baseline
 
     def refresh(self) -> bool:
         """Reads the state again; True if it changed since the last read.
@@ -171,9 +173,9 @@ class StateTracker:
         self._current = current
         return True
 
-    def updates_for(self, worker: int) -> tuple[Update, ...]:
-        """What `worker` lacks of the current state; it then has it all."""
-        known = self._known.get(worker, self._baseline)
+    def updates_for(self, worker_index: int) -> tuple[Update, ...]:
+        """What worker `worker_index` lacks of the current state; it then has it all."""
+        known = self._known.get(worker_index, self._baseline)
         if known is self._current:
             return ()
         out: list[Update] = []
@@ -181,7 +183,7 @@ class StateTracker:
             if known.get(slot) != fp:
                 out.append((slot, self._payloads[slot][1]))
         out += [(slot, None) for slot in known.keys() - self._current.keys()]
-        self._known[worker] = self._current
+        self._known[worker_index] = self._current
         return tuple(out)
 
     @staticmethod
@@ -212,3 +214,25 @@ def apply_state(loader: Any, updates: tuple[Update, ...]) -> None:
         else:
             assert isinstance(name, str)
             setattr(target, name, pickle.loads(payload))
+
+
+def position_updates(
+    key: tuple[int, int], epoch: int, start: int, repeat: bool
+) -> tuple[Update, ...]:
+    """`_epoch` and `_start` as a dataset will have them when `key` is read.
+
+    A subclass's `load` may read `self.epoch`; a worker loads batches ahead,
+    so each request carries the values of the moment its batch is read.
+
+    Args:
+        key: `(epoch, batch)` of the batch requested.
+        epoch, start: The dataset's `_epoch` and `_start` now.
+        repeat: Whether the dataset repeats (then `epoch` does not follow
+            the key: one Keras epoch spans passes).
+    """
+    if not repeat:
+        epoch = key[0] - (1 if key[1] < start else 0)
+    return (
+        (("attr", "_epoch"), pickle.dumps(epoch)),
+        (("attr", "_start"), pickle.dumps(start)),
+    )

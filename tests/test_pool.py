@@ -392,15 +392,24 @@ def test_ctrl_c_while_a_batch_is_unpickled_leaves_it_readable():
 
 @pytest.mark.timeout(60)
 def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
+    """Kind B: what broke the pool is raised itself at the next read, even of
+    a batch kept for a re-read, then as the cause of a WorkerStartError."""
     with PrefetchLoaderDataset(
         _procs.ids_loader, np.arange(12), batch_size=2, num_workers=2
     ) as ds:
         ds[0]
         ds[1]  # both kept for a re-read (TensorFlow's pattern)
-        ds._engine.executor._break(RuntimeError("no more workers"))
-        for i in (0, 1, 2):
-            with pytest.raises((RuntimeError, keras_oom.WorkerStartError)):
+        broken = ValueError("no more workers")
+        ds._engine.executor._restarts.break_(broken)
+        with pytest.raises(ValueError, match="no more workers") as first:
+            ds[0]
+        assert first.value is broken
+        for i in (1, 2):
+            with pytest.raises(
+                keras_oom.WorkerStartError, match="pool is broken: .*no more workers"
+            ) as info:
                 ds[i]
+            assert info.value.__cause__ is broken
 
 
 # -- issue 14, Kind B: fork after a thread pool that is not fork-safe ------------

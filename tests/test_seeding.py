@@ -123,6 +123,18 @@ def test_bad_arguments_name_the_parameter(args, name, error):
         batch_seed(*args)
 
 
+@pytest.mark.parametrize("flag", [True, np.True_, np.False_])
+@pytest.mark.parametrize("where", ["seed", "epoch", "position"])
+def test_numpy_bools_are_refused_like_python_bools(flag, where):
+    """Kind: bad input. A bool is never an intended seed, epoch or position,
+    and NumPy's bool (which `operator.index` accepts) is no exception."""
+    args = {"seed": 0, "epoch": 0, "position": 0, where: flag}
+    with pytest.raises(TypeError, match=f"`{where}` must be .*Received: {where}="):
+        batch_seed(**args)
+    with pytest.raises(TypeError, match="`batch` must be"):
+        batch_position(flag, (0, 1))
+
+
 # -- batch_position -----------------------------------------------------------
 
 

@@ -55,7 +55,7 @@ def signals(**overrides):
 # -- the verdict, from numbers --------------------------------------------------
 
 
-def test_issue_case_memory_copy_loader_is_too_cheap_not_short_of_workers():
+def test_a_memory_copy_loader_is_too_cheap_not_short_of_workers():
     """Kind stats-advice: the reported HDF5 run (workers busy 12-22%, the
     caller waiting 36%, 41% of 2 cores) was told to add workers; moving the
     batches is what costs, so the advice is LoaderDataset."""
@@ -90,7 +90,7 @@ def test_idle_workers_and_a_wait_shorter_than_a_load_is_transfer_bound():
     assert "LoaderDataset" not in text and "batch_array" in text
 
 
-def test_issue_case_discarded_batches_blame_the_order_not_the_workers():
+def test_discarded_batches_blame_the_order_not_the_workers():
     """Kind stats-advice: after 580 discarded batches (fit's shuffle=True)
     the diagnosis blamed too few workers; it names fit(shuffle=False) and
     the discarded count."""

@@ -32,6 +32,8 @@ from keras_oom import (
     PrefetchLoaderDataset,
     WorkerDiedError,
     batch_array,
+    shm,
+    shm_receive,
     stack_samples,
     transport,
 )
@@ -940,7 +942,7 @@ def test_past_the_mapping_budget_batches_arrive_as_private_copies(channel, monke
     either side, and every value stays right.
     """
     base = len(memfd_mappings())
-    monkeypatch.setattr(transport, "MAPPING_BUDGET", base + 16, raising=False)
+    monkeypatch.setattr(shm, "MAPPING_BUDGET", base + 16)
     held = []
     for i in range(60):
         kind, got = channel.roundtrip(np.full((256, 1024), float(i), np.float32))
@@ -1015,18 +1017,18 @@ def test_a_mapping_the_kernel_refuses_is_read_instead(channel, monkeypatch):
     """Kind D (issue 14, item 7): the parent cannot map a new buffer (ENOMEM,
     `vm.max_map_count` reached): its bytes are read with `pread` instead, and
     the worker retires the buffer. It used to fail the batch."""
-    real = transport._map_shared
+    real = shm_receive._map_shared
 
     def refuse_in_the_reader(fd, size):
         if threading.current_thread() is threading.main_thread():  # the reader
             raise OSError(errno.ENOMEM, "Cannot allocate memory")
         return real(fd, size)
 
-    monkeypatch.setattr(transport, "_map_shared", refuse_in_the_reader)
+    monkeypatch.setattr(shm_receive, "_map_shared", refuse_in_the_reader)
     kind, got = channel.roundtrip(np.full((256, 1024), 4.0, np.float32))
     assert kind == "memfd" and (got == 4.0).all() and not in_memfd(got)
     (buffer_id,) = channel.writer._maps
-    monkeypatch.setattr(transport, "_map_shared", real)
+    monkeypatch.setattr(shm_receive, "_map_shared", real)
     _, later = channel.roundtrip(np.full((256, 1024), 6.0, np.float32))
     assert (later == 6.0).all() and in_memfd(later)
     assert buffer_id not in channel.writer._maps  # retired, not reused
