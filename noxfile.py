@@ -52,6 +52,27 @@ def tests_tensorflow(session: nox.Session) -> None:
     _run_tests(session, "tensorflow", TENSORFLOW)
 
 
+@nox.session(name="tests-ray")
+def tests_ray(session: nox.Session) -> None:
+    """Run the Ray executor's tests on a local Ray instance (JAX backend).
+
+    tests/test_ray.py and the Ray parameter of tests/test_executor.py's
+    contract tests, in a session of their own: the default sessions do not
+    install Ray (they skip these tests, saying why), and the local pool's
+    tests that fork must not share a process with a Ray driver.
+    """
+    session.install(".[test,ray]")
+    session.run(
+        "pytest",
+        "tests/test_ray.py",
+        "tests/test_executor.py",
+        "-k",
+        "ray",
+        *session.posargs,
+        env={"KERAS_BACKEND": "jax"},
+    )
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff."""

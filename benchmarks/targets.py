@@ -23,6 +23,7 @@ from benchmarks.contenders import (
     OOM_FOLDER,
     POOL,
     POOL_BEST,
+    RAY,
     SERIAL,
     TFDATA,
 )
@@ -84,6 +85,9 @@ TARGETS: list[Target] = [
     # Issue 15: Keras's image_dataset_from_directory, on the pool.
     Ratio("image folder", OOM_FOLDER, KERAS_FOLDER_TF, 1.5),
     Ratio("image folder", OOM_FOLDER, KERAS_FOLDER_GRAIN, 5.0),
+    # Issue 17: the loader in Ray actors, against the local pool on this
+    # machine (the same loader, the same 2 CPUs).
+    Ratio("images, PIL", RAY, POOL, 0.8),
     # Issue 11: the image pipeline.
     Ratio("images, simplejpeg", THE_POOL, TFDATA, 1.2),
     Ratio("images, simplejpeg", THE_POOL, SERIAL, 1.9),

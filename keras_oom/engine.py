@@ -91,7 +91,9 @@ class Prefetcher:
     Args:
         executor: An unstarted executor (executor.py).
         source: Gives each key's sample ids and seed.
-        num_workers: Worker indexes to keep busy; also the read-ahead window.
+        num_workers: Workers to start; times the executor's
+            `loads_per_worker` (1 if it has none), the worker indexes to
+            keep busy and the read-ahead window.
         batches_per_epoch: Keys `(e, batches_per_epoch - 1)` are followed by
             `(e + 1, 0)`.
         reads: Where reads are counted, for `stats()`.
@@ -112,7 +114,11 @@ class Prefetcher:
         position_state: Callable[[Key], tuple[Update, ...]] | None = None,
     ) -> None:
         self.executor = executor
-        self.schedule = Schedule(num_workers, batches_per_epoch)
+        # An executor with several loads in flight per worker (a Ray actor's
+        # `in_flight`) exposes that many worker indexes per worker: the
+        # window covers them all, or some would idle (executor.py).
+        per_worker = getattr(executor, "loads_per_worker", 1)
+        self.schedule = Schedule(num_workers * per_worker, batches_per_epoch)
         self._source = source
         self._num_workers = num_workers
         self._reads = reads

@@ -49,8 +49,10 @@ An executor with several loads in flight per remote worker (a Ray actor
 with `in_flight=2`) exposes `num_workers * in_flight` worker indexes to the
 engine, index `w` running on remote worker `w // in_flight`; when a remote
 worker is lost, each of its indexes reports its own `Lost`, and each
-`Joined` again once it is back. The engine then keeps every index busy as
-it would keep a local process busy: nothing in it changes.
+`Joined` again once it is back. Such an executor says so with an attribute
+`loads_per_worker` (`in_flight`; 1 when absent), which the engine reads
+only to widen its read-ahead window to every index; otherwise it keeps
+every index busy as it would keep a local process busy.
 
 `worker_stats()`, `pids`, `started_at` and `retired_cpu_seconds` feed
 `stats()` (stats.py); an executor whose workers have no local pid reports

@@ -40,6 +40,7 @@ from typing import Any, cast
 from keras_oom import seeding, transport
 from keras_oom.protocol import (
     Failed,
+    Load,
     Loaded,
     Ready,
     StartFailed,
@@ -129,13 +130,9 @@ def _serve(conn: Connection, loader: Any) -> None:
         if request is None:  # the pool closes: exit, cleaning up as usual
             return
         writer.release(request.released)
-        seeding.seed_global_generators(seeding.batch_seed(*request.seed))
         key, start = request.key, time.perf_counter()
         try:
-            ids = unpack_ids(request.ids)
-            if request.state:  # what changed in the parent since: state.py
-                apply_state(loader, request.state)
-            value = call_loader(loader, wants_rng, ids, request.seed)
+            value = build_batch(loader, wants_rng, request)
         except BaseException as e:
             seconds = time.perf_counter() - start
             conn.send(Failed(key, seconds, time.process_time(), encode_error(e)))
@@ -159,6 +156,25 @@ def _serve(conn: Connection, loader: Any) -> None:
                 raise
             # Nothing was sent (the batch did not pickle): fail it, serve on.
             conn.send(Failed(key, seconds, cpu, encode_error(e)))
+
+
+def build_batch(loader: Any, wants_rng: bool, request: Load) -> Any:
+    """What the loader returns for `request`: the one recipe of a batch.
+
+    Reseeds the global generators from the batch's seed, unpickles its ids,
+    applies the loader state that changed in the parent (state.py), then
+    calls the loader. Every executor's workers build batches here (the Ray
+    actors too, keras_oom/ray.py), so they are the same by construction.
+
+    Raises:
+        BaseException: Whatever unpickling the ids, the state or the loader
+            raised; the caller fails that batch.
+    """
+    seeding.seed_global_generators(seeding.batch_seed(*request.seed))
+    ids = unpack_ids(request.ids)
+    if request.state:  # what changed in the parent since: state.py
+        apply_state(loader, request.state)
+    return call_loader(loader, wants_rng, ids, request.seed)
 
 
 def _lead_own_group() -> None:

@@ -1,0 +1,523 @@
+"""`keras_oom.ray.RayExecutor` (issue 17): the dataset's loader in Ray actors.
+
+On the session's local Ray instance (2 CPUs, no dashboard; actors take a
+quarter CPU each, or they would starve one another), except where a test
+needs its own cluster (simulated nodes) or its own driver (killed): those
+run a script in a subprocess. Skipped, with the reason printed, where Ray
+is not installed; `nox -s tests-ray` installs it and runs this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import subprocess
+import sys
+import textwrap
+import time
+
+import _procs
+import _ray_loaders
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keras_oom import (
+    LoaderDataset,
+    PrefetchLoaderDataset,
+    WorkerDiedError,
+    WorkerStartError,
+    WorkerTimeoutError,
+)
+from keras_oom.executor import MAX_START_FAILURES
+
+ray = _ray_loaders.ray_or_skip()
+
+from keras_oom.ray import RayExecutor  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+CPU = 0.25  # per actor: 8 fit on the 2 CPUs of the session's instance
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers():
+    """No actor of ours, and no process that is not Ray's, outlives a test
+    (Ray pools and reuses its own worker processes)."""
+    _ray_loaders.start_ray()
+    with _ray_loaders.no_leftovers():
+        yield
+
+
+def executor(**kw):
+    kw.setdefault("num_cpus", CPU)
+    return RayExecutor(**kw)
+
+
+def epoch_of(ds, epoch=0):
+    ds.set_epoch(epoch)
+    return [ds[i] for i in range(len(ds))]
+
+
+# -- the package stays free of Ray --------------------------------------------
+
+
+def test_importing_keras_oom_and_its_ray_module_does_not_import_ray():
+    """Kind: optional dependency. Ray is imported at the first start only."""
+    code = "import sys, keras_oom, keras_oom.ray; print('ray' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_procs.script_env(),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"num_cpus": -1}, ValueError, "num_cpus=-1"),
+        ({"num_cpus": "2"}, TypeError, "num_cpus='2'"),
+        ({"in_flight": 0}, ValueError, "in_flight=0"),
+        ({"in_flight": 1.5}, TypeError, "in_flight=1.5"),
+        ({"actor_options": [1]}, TypeError, "actor_options=[1]"),
+        ({"actor_options": {"max_restarts": 3}}, ValueError, "max_restarts"),
+        ({"actor_options": {"lifetime": "detached"}}, ValueError, "detached"),
+        ({"start_timeout": 0}, ValueError, "start_timeout=0"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_parameter_and_value(kwargs, error, words):
+    """Kind: bad input. A clear error, naming the parameter and its value."""
+    with pytest.raises(error) as info:
+        RayExecutor(**kwargs)
+    assert words in str(info.value)
+
+
+# -- the issue's example --------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_issue_example_trains_a_model_on_a_local_ray_instance():
+    """Kind: done-when. The issue's example, with a tiny model."""
+    import keras
+
+    paths = np.arange(64)
+    labels = (paths % 2).astype("float32")
+
+    def load(ids):
+        return np.stack([np.full(4, i % 2, np.float32) for i in ids])
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    with PrefetchLoaderDataset(
+        load,
+        paths,
+        labels,
+        batch_size=8,
+        shuffle=True,
+        seed=0,
+        num_workers=2,
+        executor=RayExecutor(num_cpus=CPU, in_flight=2),
+    ) as train:
+        history = model.fit(train, epochs=2, shuffle=False, verbose=0)
+        assert len(train.worker_pids) == 2
+    assert len(history.history["loss"]) == 2
+    assert _ray_loaders.wait_no_actors() == []
+
+
+# -- same batches ------------------------------------------------------------
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    epoch=st.integers(0, 3),
+    shard=st.sampled_from([None, (0, 2), (1, 2), (2, 3)]),
+    batch_size=st.integers(1, 5),
+    num_workers=st.integers(1, 2),
+    in_flight=st.integers(1, 2),
+    weights=st.booleans(),
+)
+def test_every_batch_equals_loader_dataset_and_the_local_pool(
+    seed, epoch, shard, batch_size, num_workers, in_flight, weights
+):
+    """Kind: same batches. Order, shards, per-batch rng, sample weights as
+    LoaderDataset; the reseeded global generators as the local pool."""
+    ids = np.arange(13)
+    kw = dict(
+        labels=ids % 3,
+        sample_weights=(ids / 10.0) if weights else None,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+        shard=shard,
+    )
+    plain = LoaderDataset(_ray_loaders.rng_loader, ids, **kw)
+    with PrefetchLoaderDataset(
+        _ray_loaders.rng_loader,
+        ids,
+        num_workers=num_workers,
+        executor=executor(in_flight=in_flight),
+        **kw,
+    ) as remote:
+        got = epoch_of(remote, epoch)
+    with PrefetchLoaderDataset(
+        _ray_loaders.rng_loader,
+        ids,
+        num_workers=1,
+        start_method="subprocess",
+        **kw,
+    ) as local:
+        pool = epoch_of(local, epoch)
+    expected = epoch_of(plain, epoch)
+    assert len(got) == len(expected) == len(pool)
+    for r, p, e in zip(got, pool, expected, strict=True):
+        for key in ("x", "noise"):  # ids and rng: as LoaderDataset
+            np.testing.assert_array_equal(r[0][key], e[0][key])
+        for key in ("legacy", "py"):  # global generators: as the local pool
+            np.testing.assert_array_equal(r[0][key], p[0][key])
+        for k in range(1, len(e)):  # labels, sample weights
+            np.testing.assert_array_equal(r[k], e[k])
+
+
+def test_worker_init_runs_once_in_each_actor_with_its_index(tmp_path):
+    """Kind: same batches. worker_init(index), index in range(num_workers),
+    once per actor, even with in_flight > 1."""
+    with PrefetchLoaderDataset(
+        _ray_loaders.pid_loader,
+        np.arange(12),
+        batch_size=2,
+        num_workers=2,
+        worker_init=_ray_loaders.CountingInit(str(tmp_path)),
+        executor=executor(in_flight=2),
+    ) as ds:
+        pids = set(np.concatenate(epoch_of(ds)).tolist())
+    calls = [p.name.split("-") for p in tmp_path.iterdir()]
+    assert sorted(int(c[0]) for c in calls) == [0, 1]
+    assert {int(c[1]) for c in calls} == pids  # the actors that loaded
+
+
+def test_in_flight_loads_are_queued_on_every_worker_index():
+    """Kind: in_flight. With one actor and in_flight=2, the engine keeps two
+    loads in flight on it after a read (its window covers every index)."""
+    slow = functools.partial(_ray_loaders.slow_loader, seconds=1.0)
+    with PrefetchLoaderDataset(
+        slow,
+        np.arange(10),
+        batch_size=1,
+        num_workers=1,
+        executor=executor(in_flight=2),
+    ) as ds:
+        ds[0]
+        engine = ds._engine
+        assert len(engine.schedule.held()) == 2, engine.schedule.held()
+
+
+def test_results_are_read_only_arrays_from_the_object_store():
+    """Kind: pitfall, documented. Zero-copy means read-only."""
+    with PrefetchLoaderDataset(
+        _ray_loaders.big_loader, np.arange(4), batch_size=2, executor=executor()
+    ) as ds:
+        batch = ds[1]
+    np.testing.assert_array_equal(batch[:, 0], [2, 3])
+    assert not batch.flags.writeable
+
+
+# -- errors as locally ------------------------------------------------------------
+
+
+def test_a_loader_error_arrives_with_its_type_frames_ids_actor_and_node():
+    """Kind: errors. Its own type (not RayTaskError), the loader's frames and
+    the batch's ids in its notes, the actor and node named; the actor lives."""
+    faulty = functools.partial(_procs.faulty_loader, actions={5: "raise"})
+    with PrefetchLoaderDataset(
+        faulty, np.arange(8), batch_size=2, num_workers=1, executor=executor()
+    ) as ds:
+        ds[0]
+        pids = ds.worker_pids  # known once the actor has set up
+        with pytest.raises(ValueError, match="bad sample 5") as info:
+            ds[2]
+        assert type(info.value) is ValueError
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert "faulty_loader" in notes and "_procs.py" in notes
+        assert "ids [4, 5]" in notes
+        assert "Ray actor" in notes and "on node" in notes
+        np.testing.assert_array_equal(ds[3], [12, 14])  # the actor serves on
+        assert ds.worker_pids == pids
+
+
+def test_worker_init_that_raises_arrives_with_its_type_then_start_error():
+    """Kind: errors. worker_init's own exception first, then WorkerStartError."""
+    with PrefetchLoaderDataset(
+        _ray_loaders.pid_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=1,
+        worker_init=_ray_loaders.failing_init,
+        executor=executor(),
+    ) as ds:
+        with pytest.raises(KeyError, match="no database for worker 0") as info:
+            ds[0]
+        assert "failing_init" in "\n".join(info.value.__notes__)
+        with pytest.raises(WorkerStartError, match="broken"):
+            ds[0]
+
+
+# -- lost actors and nodes ----------------------------------------------------------
+
+
+def test_a_batch_lost_with_its_actor_is_run_again_and_every_sample_comes_once(
+    tmp_path,
+):
+    """Kind: lost actor. The actor dies mid-batch (once per id): the batch is
+    run again on a new actor, and the epoch is complete and in order."""
+    dying = functools.partial(
+        _ray_loaders.die_on, ids_to_die={3, 8}, marker_dir=str(tmp_path)
+    )
+    with PrefetchLoaderDataset(
+        dying, np.arange(12), batch_size=2, num_workers=2, executor=executor()
+    ) as ds:
+        got = np.concatenate(epoch_of(ds))
+    np.testing.assert_array_equal(got, np.arange(12) * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "8"]
+
+
+def test_a_batch_lost_twice_raises_worker_died_naming_actor_node_and_cause():
+    """Kind: lost actor. Re-run once only; then WorkerDiedError, and the
+    dataset serves the next batch from a replacement."""
+    dying = functools.partial(_ray_loaders.die_on, ids_to_die={2})
+    with PrefetchLoaderDataset(
+        dying, np.arange(8), batch_size=2, num_workers=1, executor=executor()
+    ) as ds:
+        with pytest.raises(WorkerDiedError) as info:
+            ds[1]
+        message = str(info.value)
+        assert "Ray actor" in message and "on node" in message
+        assert "a second time" in message and "Ray says" in message
+        assert "ids [2, 3]" in message
+        np.testing.assert_array_equal(ds[2], [8, 10])
+
+
+def test_actors_that_die_while_starting_are_retried_then_start_error():
+    """Kind: replacements. The local pool's back-off and limit."""
+    with (
+        PrefetchLoaderDataset(
+            _ray_loaders.pid_loader,
+            np.arange(4),
+            batch_size=2,
+            num_workers=1,
+            worker_init=_ray_loaders.exit_init,
+            executor=executor(),
+        ) as ds,
+        pytest.raises(WorkerStartError) as info,
+    ):
+        ds[0]
+    assert f"failed to start {MAX_START_FAILURES} times in a row" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_timeout_kills_a_stuck_actor_and_raises_worker_timeout():
+    """Kind: timeout. ray.cancel cannot interrupt an actor task: the actor
+    is killed, the batch raises WorkerTimeoutError, later batches load."""
+    stuck = functools.partial(_procs.faulty_loader, actions={2: "sleep"})
+    with PrefetchLoaderDataset(
+        stuck,
+        np.arange(6),
+        batch_size=2,
+        num_workers=1,
+        timeout=2.0,
+        executor=executor(in_flight=1),
+    ) as ds:
+        ds[0]
+        [pid] = ds.worker_pids
+        with pytest.raises(WorkerTimeoutError, match=r"timeout=2\.0s"):
+            ds[1]
+        assert _procs.wait_gone([pid], timeout=10) == []
+        np.testing.assert_array_equal(ds[2], [8, 10])
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_that_cannot_be_scheduled_raises_start_error_naming_resources():
+    """Kind: start_timeout. Ray would wait forever for 3 CPUs out of 2."""
+    with (
+        PrefetchLoaderDataset(
+            _ray_loaders.pid_loader,
+            np.arange(4),
+            batch_size=2,
+            num_workers=1,
+            executor=RayExecutor(num_cpus=3, start_timeout=1.0),
+        ) as ds,
+        pytest.raises(WorkerStartError) as info,
+    ):
+        ds[0]
+    message = str(info.value)
+    assert "start_timeout=1.0s" in message
+    assert "asks for {CPU: 3}" in message and "in the cluster: {CPU: 2" in message
+
+
+# -- bounded and clean ----------------------------------------------------------------
+
+
+def test_at_most_num_workers_times_in_flight_batches_are_held():
+    """Kind: bounded. Loading and loaded ahead, after each read of a slow
+    reader: never more than num_workers * in_flight."""
+    with PrefetchLoaderDataset(
+        _ray_loaders.big_loader,
+        np.arange(40),
+        batch_size=2,
+        num_workers=2,
+        executor=executor(in_flight=2),
+    ) as ds:
+        engine = ds._engine
+        most = 0
+        for i in range(len(ds)):
+            ds[i]
+            deadline = time.monotonic() + 0.2  # the actors fill the window
+            while time.monotonic() < deadline:
+                engine.executor.wait(0.05)
+                engine._dispatch()
+                held = len(engine.executor._loads) + len(engine.schedule.arrived_keys())
+                most = max(most, held)
+    assert most == 2 * 2
+
+
+def test_a_copy_of_a_started_dataset_starts_actors_of_its_own():
+    """Kind: clean. The executor pickles as its options only: a copy of a
+    running dataset starts its own actors, and closing one leaves the other."""
+    import copy
+    import pickle
+
+    template = executor(in_flight=2, actor_options={"memory": 1 << 20})
+    restored = pickle.loads(pickle.dumps(template))
+    assert repr(restored) == repr(template)
+    ds = PrefetchLoaderDataset(
+        _ray_loaders.pid_loader,
+        np.arange(8),
+        batch_size=2,
+        num_workers=1,
+        executor=template,
+    )
+    with ds:
+        first = ds[0]
+        twin = copy.deepcopy(ds)
+        with twin:
+            assert twin[0][0] != first[0]  # another actor's pid
+            assert len(_ray_loaders.alive_actors()) == 2
+        deadline = time.monotonic() + 10
+        while len(_ray_loaders.alive_actors()) != 1:  # the twin's is killed
+            assert time.monotonic() < deadline, _ray_loaders.alive_actors()
+            time.sleep(0.05)
+        np.testing.assert_array_equal(ds[1], first)  # still the first actor
+
+
+def test_close_with_and_garbage_collection_kill_the_actors():
+    """Kind: clean. close(), the with block and gc end this dataset's actors;
+    Ray itself stays up."""
+    for how in ("close", "with", "gc"):
+        ds = PrefetchLoaderDataset(
+            _ray_loaders.pid_loader,
+            np.arange(8),
+            batch_size=2,
+            num_workers=2,
+            executor=executor(),
+        )
+        if how == "with":
+            with ds:
+                ds[0]
+        else:
+            ds[0]
+            assert len(_ray_loaders.alive_actors()) == 2
+            if how == "close":
+                ds.close()
+            else:
+                del ds
+                gc.collect()
+        assert _ray_loaders.wait_no_actors() == [], how
+    assert ray.is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_no_actor_is_left_after_the_training_process_is_killed(tmp_path):
+    """Kind: clean. A driver killed by SIGKILL: Ray ends the actors it owned."""
+    address = ray.get_runtime_context().gcs_address
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, ray
+        ray.init(address={address!r}, log_to_driver=False)
+        from keras_oom import PrefetchLoaderDataset
+        from keras_oom.ray import RayExecutor
+        import _ray_loaders
+        ds = PrefetchLoaderDataset(_ray_loaders.pid_loader, np.arange(8),
+                                   batch_size=2, num_workers=2,
+                                   executor=RayExecutor(num_cpus={CPU}))
+        ds[0]
+        print("READY", flush=True)
+        import time
+        time.sleep(120)
+        """
+    )
+    proc = _procs.popen_script(tmp_path, script)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "READY", proc.stderr.read()
+        assert len(_ray_loaders.alive_actors()) == 2
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert _ray_loaders.wait_no_actors(timeout=30) == []
+
+
+@pytest.mark.timeout(150)
+def test_a_node_removed_mid_epoch_loses_no_sample(tmp_path):
+    """Kind: lost node. Two simulated nodes (ray.cluster_utils.Cluster); one
+    is removed in mid-epoch: every sample still comes once, in order."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, os, sys
+        os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+        import ray
+        from ray.cluster_utils import Cluster
+        from keras_oom import PrefetchLoaderDataset
+        from keras_oom.ray import RayExecutor
+        import _ray_loaders
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            # 0.6 of a CPU each: one actor per node, so each node has one.
+            with PrefetchLoaderDataset(
+                    _ray_loaders.slow_pid_loader, np.arange(40), batch_size=2,
+                    num_workers=2,
+                    executor=RayExecutor(num_cpus=0.6, in_flight=2,
+                                         start_timeout=60)) as ds:
+                got = [ds[i] for i in range(4)]
+                cluster.remove_node(nodes[1])  # kills its actor's process
+                cluster.add_node(num_cpus=1)  # room for the replacement
+                got += [ds[i] for i in range(4, len(ds))]
+            print("PIDS", len(set(np.concatenate([g["pid"] for g in got]))))
+            print("GOT", " ".join(str(v) for v in
+                                  np.concatenate([g["x"] for g in got])))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        """
+    )
+    result = _procs.run_script(tmp_path, script, timeout=140)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [ln for ln in result.stdout.splitlines() if ln.startswith("GOT")]
+    assert got, result.stdout
+    values = [int(v) for v in got[0].split()[1:]]
+    assert values == list(range(0, 80, 2))
+    [pids] = [ln for ln in result.stdout.splitlines() if ln.startswith("PIDS")]
+    assert int(pids.split()[1]) >= 3, result.stdout  # a replacement loaded too
