@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import _procs
 import numpy as np
@@ -186,6 +187,14 @@ def test_worker_runs_in_a_process_group_of_its_own(start_method):
         start_method=start_method,
     ) as ds:
         ds[0]
-        for pid in ds.worker_pids:
+        # ds[0] proves one worker ready; a forked one calls setsid() as it
+        # starts, so wait (bounded) for each to get there.
+        deadline = time.monotonic() + 20
+        pids = ds.worker_pids
+        while time.monotonic() < deadline:
+            if all(os.getsid(pid) == pid for pid in pids):
+                break
+            time.sleep(0.01)
+        for pid in pids:
             assert os.getpgid(pid) == pid
             assert os.getsid(pid) == pid
