@@ -10,9 +10,9 @@ import keras
 import numpy as np
 
 from keras_oom import seeding
-from keras_oom.callbacks import TrainingPasses
 from keras_oom.protocol import add_note, describe_ids
 from keras_oom.source import BatchSource, Targets, as_index, call_loader
+from keras_oom.training_passes import TrainingPasses
 
 Labels = Targets  # an array-like, or a dict / tuple of array-likes
 
@@ -233,7 +233,7 @@ class LoaderDataset(keras.utils.PyDataset):
         Keras epochs; on TensorFlow, not before Keras trained on what
         tf.data read ahead), when a call comes from your own loop, and,
         when a new `fit` begins, past a pass that the last one left
-        unfinished (see `keras_oom.callbacks.TrainingPasses`). With
+        unfinished (see `keras_oom.training_passes.TrainingPasses`). With
         `repeat=True` index `i` already names its epoch: only a new `fit`
         moves it on, to the epoch after the last one the previous `fit`
         trained on.

@@ -9,7 +9,7 @@ the one place that knows which worker holds which key.
 A batch is named by its key `(epoch, batch)`. Each key is in at most one of
 these states at a time:
 
-    (untracked) --assign--> SUBMITTED to worker w --arrived--> ARRIVED
+    (untracked) --assign--> SUBMITTED to worker i --arrived--> ARRIVED
           ^                        |                              |
           |                     lost (the worker died, its        | take
           |                     error arrives instead; or the     v
@@ -53,6 +53,7 @@ class Schedule:
     def __init__(self, window: int, batches_per_epoch: int) -> None:
         self.window = window
         self.batches_per_epoch = batches_per_epoch
+        # Keyed by worker_index (the number `worker_init` receives).
         self._idle: dict[int, None] = {}  # ordered set
         self._busy: dict[int, Key] = {}
         self._arrived: dict[Key, Any] = {}
@@ -62,20 +63,20 @@ class Schedule:
 
     # -- workers -------------------------------------------------------------
 
-    def add_worker(self, worker: int) -> None:
-        """A new worker is ready for requests."""
-        assert worker not in self._idle and worker not in self._busy
-        self._idle[worker] = None
+    def add_worker(self, worker_index: int) -> None:
+        """Worker `worker_index` is ready for requests."""
+        assert worker_index not in self._idle and worker_index not in self._busy
+        self._idle[worker_index] = None
 
-    def lost(self, worker: int, outcome: Any = None) -> Key | None:
-        """`worker` is gone; returns the key it held, if any.
+    def lost(self, worker_index: int, outcome: Any = None) -> Key | None:
+        """Worker `worker_index` is gone; returns the key it held, if any.
 
         With an `outcome` (the error that ends its batch), that key arrives
         with it; without one, the key goes back to untracked, to be
         assigned again (the batch was interrupted, not failed).
         """
-        self._idle.pop(worker, None)
-        key = self._busy.pop(worker, None)
+        self._idle.pop(worker_index, None)
+        key = self._busy.pop(worker_index, None)
         if key is not None and outcome is not None:
             self._settle(key, outcome)
         return key
@@ -111,7 +112,7 @@ class Schedule:
         """Gives idle workers the wanted key, then the window's, in order.
 
         Returns:
-            `(worker, key)` pairs, each now submitted; the caller must send
+            `(worker_index, key)` pairs, each now submitted; the caller must send
             each request, or report the worker `lost`.
         """
         targets = [] if self._wanted is None else [self._wanted]
@@ -123,24 +124,25 @@ class Schedule:
                 break
             if key in held or key in self._arrived:
                 continue
-            worker = next(iter(self._idle))
-            del self._idle[worker]
-            self._busy[worker] = key
+            worker_index = next(iter(self._idle))
+            del self._idle[worker_index]
+            self._busy[worker_index] = key
             held.add(key)
-            out.append((worker, key))
+            out.append((worker_index, key))
         return out
 
-    def arrived(self, worker: int, outcome: Any) -> Key:
-        """`worker` finished its key with `outcome` (a batch or an error)."""
-        key = self._busy.pop(worker)
-        self._idle[worker] = None
+    def arrived(self, worker_index: int, outcome: Any) -> Key:
+        """Worker `worker_index` finished its key with `outcome` (a batch or
+        an error)."""
+        key = self._busy.pop(worker_index)
+        self._idle[worker_index] = None
         self._settle(key, outcome)
         return key
 
     # -- introspection -------------------------------------------------------
 
     def held(self) -> dict[int, Key]:
-        """Busy workers and the key each holds."""
+        """The key each busy worker holds, by `worker_index`."""
         return dict(self._busy)
 
     def idle(self) -> list[int]:

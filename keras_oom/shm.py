@@ -54,6 +54,7 @@ import os
 import socket
 import weakref
 from multiprocessing.connection import Connection
+from typing import Any
 
 HAS_MEMFD = hasattr(os, "memfd_create")
 
@@ -100,28 +101,23 @@ class _Libc:
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        self.mmap = libc.mmap
-        self.mmap.restype = ctypes.c_void_p
-        self.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        self.munmap = libc.munmap
-        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.mremap = getattr(libc, "mremap", None)
-        if self.mremap is not None:
-            self.mremap.restype = ctypes.c_void_p
-            self.mremap.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_void_p,
-            ]
+        ptr, size, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+        # void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t)
+        self.mmap = _typed(libc.mmap, ptr, ptr, size, i, i, i, ctypes.c_long)
+        # int munmap(void *addr, size_t len)
+        self.munmap = _typed(libc.munmap, i, ptr, size)
+        # void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
+        mremap = getattr(libc, "mremap", None)  # glibc only
+        self.mremap = (
+            None if mremap is None else _typed(mremap, ptr, ptr, size, size, i, ptr)
+        )
+
+
+def _typed(function: Any, restype: Any, *argtypes: Any) -> Any:
+    """Sets a libc function's result and argument types; returns it."""
+    function.restype = restype
+    function.argtypes = list(argtypes)
+    return function
 
 
 LIBC = _Libc() if HAS_MEMFD else None

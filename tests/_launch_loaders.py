@@ -1,4 +1,6 @@
-"""Loaders for the tests of how workers start and end (test_pool.py).
+"""Loaders for the tests of how workers start and end.
+
+Used by test_launch.py and test_process_pool.py.
 
 Module level, so that every start method can import them; kept free of
 pytest and Keras imports, like `_procs`. The framework each loader uses

@@ -333,7 +333,7 @@ def case_loader(ids):
     return make_case(k)
 
 
-# -- loaders and worker_init functions for test_pool.py and test_worker.py ----
+# -- loaders and worker_init functions for the pool's and the worker's tests ----
 
 
 def worker_only_object_loader(ids):

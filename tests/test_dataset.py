@@ -17,10 +17,9 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import pickle
-import re
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 import cloudpickle
@@ -624,91 +623,7 @@ def test_subclass_load_errors_get_a_note():
     assert any("batch 2" in note for note in info.value.__notes__)
 
 
-# -- bad arguments ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("batch_size", "error", "shown"),
-    [
-        (0, ValueError, "batch_size=0"),
-        (-3, ValueError, "batch_size=-3"),
-        (2.5, TypeError, "batch_size=2.5"),
-        (4.0, TypeError, "batch_size=4.0"),
-        ("4", TypeError, "batch_size='4'"),
-        (None, TypeError, "batch_size=None"),
-        (True, TypeError, "batch_size=True"),
-    ],
-)
-def test_bad_batch_size(batch_size, error, shown):
-    with pytest.raises(error, match=shown):
-        LoaderDataset(identity, np.arange(10), batch_size=batch_size)
-
-
-def test_numpy_integer_batch_size_is_accepted():
-    ds = LoaderDataset(identity, np.arange(10), batch_size=np.int64(4))
-    assert len(ds) == 3 and ds.batch_size == 4 and type(ds.batch_size) is int
-
-
-def test_batch_size_larger_than_the_samples_gives_one_short_batch():
-    """Issue 10.4: predict on 10 paths with batch_size=64 works, as in Keras."""
-    ds = LoaderDataset(identity, np.arange(10), labels=np.arange(10), batch_size=64)
-    assert len(ds) == 1
-    x, y = ds[0]
-    np.testing.assert_array_equal(x, np.arange(10))
-    np.testing.assert_array_equal(y, np.arange(10))
-
-
-def test_batch_size_larger_than_the_samples_with_drop_remainder_is_an_error():
-    with pytest.raises(ValueError, match=r"batch_size=11") as info:
-        LoaderDataset(identity, np.arange(10), batch_size=11, drop_remainder=True)
-    assert "10" in str(info.value) and "drop_remainder" in str(info.value)
-
-
-@pytest.mark.parametrize("empty", [[], np.array([]), np.zeros(0, dtype=int), ()])
-def test_empty_sample_ids(empty):
-    with pytest.raises(ValueError, match=r"sample_ids.*(empty|0)"):
-        LoaderDataset(identity, empty, batch_size=1)
-
-
-@pytest.mark.parametrize(
-    ("ids", "shape"),
-    [
-        (np.zeros((2, 3)), r"\(2, 3\)"),
-        (np.int64(5), r"\(\)"),
-        ([[1], [2]], r"\(2, 1\)"),
-    ],
-)
-def test_non_1d_sample_ids(ids, shape):
-    with pytest.raises(ValueError, match=r"sample_ids") as info:
-        LoaderDataset(identity, ids, batch_size=1)
-    assert re.search(shape, str(info.value))
-
-
-def test_missing_sample_ids():
-    with pytest.raises(ValueError, match=r"sample_ids.*None"):
-        LoaderDataset(identity, batch_size=1)
-
-
-@pytest.mark.parametrize(
-    ("labels", "name", "got"),
-    [
-        (np.arange(4), "labels", "4"),
-        (list(range(6)), "labels", "6"),
-        ({"a": np.arange(5), "b": np.arange(3)}, r"labels\['b'\]", "3"),
-        (OrderedDict(a=np.arange(7)), r"labels\['a'\]", "7"),
-        ((np.arange(5), np.arange(2)), r"labels\[1\]", "2"),
-    ],
-)
-def test_labels_of_another_length(labels, name, got):
-    with pytest.raises(ValueError, match=name) as info:
-        LoaderDataset(identity, np.arange(5), labels=labels, batch_size=2)
-    message = str(info.value)
-    assert got in message and "5" in message  # both lengths
-
-
-def test_scalar_labels():
-    with pytest.raises(ValueError, match=r"labels.*scalar"):
-        LoaderDataset(identity, np.arange(5), labels=3, batch_size=2)
+# -- bad arguments (those BatchSource checks: test_source.py) ---------------------
 
 
 @pytest.mark.parametrize("loader", [42, "load.py", [identity]])
@@ -721,14 +636,6 @@ def test_loader_not_callable(loader):
 def test_loader_missing_without_load_override():
     with pytest.raises(TypeError, match=r"loader.*None|loader=None"):
         LoaderDataset(sample_ids=np.arange(5), batch_size=2)
-
-
-@pytest.mark.parametrize(
-    ("seed", "error"), [(-1, ValueError), (1.5, TypeError), ("7", TypeError)]
-)
-def test_bad_seed(seed, error):
-    with pytest.raises(error, match=f"seed={seed!r}|seed={seed}"):
-        LoaderDataset(identity, np.arange(5), batch_size=2, seed=seed)
 
 
 @pytest.mark.parametrize(("epoch", "error"), [(-1, ValueError), (1.5, TypeError)])

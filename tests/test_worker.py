@@ -10,7 +10,9 @@ pool with its own error instead of a loop of restarts.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
+import signal
 import time
 
 import _procs
@@ -18,7 +20,9 @@ import numpy as np
 import pytest
 
 import keras_oom
-from keras_oom import PrefetchLoaderDataset, WorkerDiedError
+from keras_oom import PrefetchLoaderDataset, WorkerDiedError, worker
+from keras_oom.protocol import Load, Loaded, Ready, WorkerSetup, pack_ids
+from keras_oom.shm_receive import BatchReader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,3 +202,73 @@ def test_worker_runs_in_a_process_group_of_its_own(start_method):
         for pid in pids:
             assert os.getpgid(pid) == pid
             assert os.getsid(pid) == pid
+
+
+# -- worker.run itself, over a socket pair, as the pool runs it -------------------
+
+
+def squares(ids):
+    return np.asarray(ids) ** 2
+
+
+def _start_run(setup):
+    """Forks a process running `worker.run` on one end of a socket pair.
+
+    Returns the process and the parent's end, as the pool holds them.
+    """
+    parent_end, child_end = multiprocessing.Pipe(duplex=True)
+    process = multiprocessing.get_context("fork").Process(
+        target=worker.run,
+        # The fork copies the parent's end too: the worker closes it first.
+        args=(child_end, setup, os.getpid(), 0, (parent_end.fileno(),)),
+    )
+    process.start()
+    child_end.close()
+    return process, parent_end
+
+
+def _recv(conn, seconds: float = 10.0):
+    assert conn.poll(seconds), f"no message from the worker within {seconds} s"
+    return conn.recv()
+
+
+@pytest.mark.timeout(30)
+def test_run_answers_a_load_with_its_batch_and_exits_after_the_goodbye():
+    """Issue 16, weak tests (`worker.run` never called): Ready, then the
+    right batch for a Load, then exit 0 after the pool's goodbye."""
+    process, conn = _start_run(WorkerSetup(squares, None))
+    try:
+        assert _recv(conn) == Ready(process.pid)
+        ids = np.array([3, 1, 4])
+        conn.send(Load((0, 2), pack_ids(ids), [], (7, 0, 2)))
+        reply = _recv(conn)
+        assert isinstance(reply, Loaded), reply
+        assert reply.key == (0, 2)
+        batch = BatchReader().receive(conn, reply.kind, reply.payload)
+        np.testing.assert_array_equal(batch, [9, 1, 16])
+        conn.send(None)  # the pool's goodbye
+        process.join(10)
+        assert process.exitcode == 0
+    finally:
+        conn.close()
+        if process.is_alive():
+            process.kill()
+        process.join(10)
+
+
+@pytest.mark.timeout(30)
+def test_run_ends_when_the_parent_end_closes_without_a_goodbye():
+    """Issue 16, weak tests (`worker.run` never called): a stream that just
+    ends (the parent died) ends the worker, with its process group."""
+    process, conn = _start_run(WorkerSetup(squares, None))
+    try:
+        assert _recv(conn) == Ready(process.pid)
+        conn.close()  # the parent died, or gave up on this worker
+        process.join(10)
+        assert not process.is_alive()
+        # It ends itself with its group (worker._end_group): SIGKILL.
+        assert process.exitcode == -signal.SIGKILL
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(10)

@@ -1,10 +1,12 @@
-"""The worker pool: every failure ends its batch, nothing hangs or spins.
+"""The local executor (process_pool.py): every failure ends its batch,
+nothing hangs or spins, and every process it starts it ends.
 
 Each test provokes one failure from issue 8 against real processes: a batch
 the parent cannot unpickle, a replacement worker that cannot start, a user's
 `os.fork()`, Ctrl-C while workers start, and `close()` from another thread
 in the middle of a replacement. Scenarios that fork or interrupt the parent
-run as scripts in a subprocess of their own.
+run as scripts in a subprocess of their own. How workers start (start
+methods, fork safety): test_launch.py.
 """
 
 from __future__ import annotations
@@ -412,163 +414,6 @@ def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
             assert info.value.__cause__ is broken
 
 
-# -- issue 14, Kind B: fork after a thread pool that is not fork-safe ------------
-
-FORK_SAFETY_SCRIPT = """
-import os, sys, threading
-import numpy as np
-import _launch_loaders as L
-
-setup = sys.argv[1]
-loader = L.numpy_loader
-if setup == "torch":
-    import torch
-    torch.set_num_threads(2)
-    a = torch.rand(300, 300)
-    (a @ a).sum()
-    loader = L.torch_loader
-elif setup == "sklearn":
-    loader = L.sklearn_loader
-    loader([0])  # scikit-learn's OpenMP pool starts here
-elif setup == "gomp":
-    L.gomp_parallel()
-    loader = L.gomp_loader
-elif setup == "native-thread":
-    L.start_native_thread()
-elif setup == "numpy":
-    loader([0])  # OpenBLAS's pool runs (OPENBLAS_NUM_THREADS=2)
-elif setup == "ended-python-thread":
-    t = threading.Thread(target=loader, args=([0],))
-    t.start()
-    t.join()
-print("THREADS", len(os.listdir("/proc/self/task")), flush=True)
-
-from keras_oom import PrefetchLoaderDataset
-from keras_oom.launch import default_start_method
-
-print("METHOD", default_start_method(), flush=True)
-with PrefetchLoaderDataset(loader, np.arange(8), batch_size=4, num_workers=1,
-                           timeout=20) as ds:
-    print("BATCH", ds[1].tolist(), flush=True)
-"""
-
-
-def run_setup(tmp_path, script: str, setup: str) -> dict[str, str]:
-    """Runs `script` with argument `setup` in a fresh interpreter.
-
-    Returns its `KEY value` lines as a dict; fails with its output if it
-    fails. A test process that has used libgomp cannot be forked safely
-    afterwards, so every framework runs in a process of its own.
-    """
-    path = _procs.write_script(tmp_path, script)
-    env = _procs.script_env()
-    env["OPENBLAS_NUM_THREADS"] = "2"
-    result = subprocess.run(
-        [sys.executable, str(path), setup],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = [x.split(" ", 1) for x in result.stdout.splitlines() if " " in x]
-    return {key: value for key, value in lines}
-
-
-def require(setup: str) -> None:
-    """Skips unless what `setup` drives is installed."""
-    import ctypes.util
-    import importlib.util
-
-    if setup in ("torch", "sklearn") and importlib.util.find_spec(setup) is None:
-        pytest.skip(f"{setup} is not installed")
-    if setup == "gomp" and ctypes.util.find_library("gomp") is None:
-        pytest.skip("libgomp is not installed")
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("setup", ["torch", "sklearn", "gomp"])
-def test_default_does_not_fork_after_a_gnu_openmp_pool_started(tmp_path, setup):
-    """Kind B (issue 14.3): once GNU OpenMP's pool runs in the training
-    process (torch's intra-op pool, scikit-learn's compiled code, libgomp
-    called directly), a forked worker whose loader enters a parallel region
-    waits forever for the pool's threads. The default must not fork, and a
-    read must return the right batch."""
-    require(setup)
-    out = run_setup(tmp_path, FORK_SAFETY_SCRIPT, setup)
-    assert out["METHOD"] == "subprocess", out
-    assert out["BATCH"] == "[8, 10, 12, 14]", out
-
-
-@pytest.mark.timeout(60)
-def test_default_does_not_fork_beside_a_native_thread_of_unknown_origin(tmp_path):
-    """Kind B: a thread started in C by a library nobody knows (no Python
-    thread, no OpenBLAS) could hold anything at the fork: it counts as
-    unsafe."""
-    out = run_setup(tmp_path, FORK_SAFETY_SCRIPT, "native-thread")
-    assert out["METHOD"] == "subprocess", out
-    assert out["BATCH"] == "[8, 10, 12, 14]", out
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("setup", ["numpy", "ended-python-thread"])
-def test_default_still_forks_beside_openblas_and_an_ended_python_thread(
-    tmp_path, setup
-):
-    """Kind B, the other side: NumPy's OpenBLAS pool is fork-safe (it stops
-    its threads before a fork), and a Python thread that has ended holds
-    nothing; neither may turn forking off."""
-    out = run_setup(tmp_path, FORK_SAFETY_SCRIPT, setup)
-    assert int(out["THREADS"]) >= 2, out  # OpenBLAS's thread runs: a real case
-    assert out["METHOD"] == "fork", out
-    assert out["BATCH"] == "[8, 10, 12, 14]", out
-
-
-FORK_WARNING_SCRIPT = """
-import sys, warnings
-import numpy as np
-import _launch_loaders as L
-
-L.gomp_parallel()  # GNU OpenMP's pool now runs here
-from keras_oom import PrefetchLoaderDataset
-
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    with PrefetchLoaderDataset(L.numpy_loader, np.arange(8), batch_size=2,
-                               num_workers=2, start_method="fork",
-                               timeout=20) as ds:
-        print("BATCH", ds[1].tolist(), flush=True)
-        print("PIDS", *ds.worker_pids, flush=True)
-for w in caught:
-    if issubclass(w.category, RuntimeWarning):
-        print("WARNING", str(w.message).replace("\\n", " "), flush=True)
-"""
-
-
-@pytest.mark.timeout(60)
-def test_explicit_fork_still_forks_and_warns_once_naming_the_pool(tmp_path):
-    """Kind B: `start_method="fork"` is the user's call: it forks, but warns
-    once per dataset, naming the risk and what was found."""
-    require("gomp")
-    path = _procs.write_script(tmp_path, FORK_WARNING_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        env=_procs.script_env(),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert "BATCH [4, 6]" in lines, result.stdout
-    warned = [x for x in lines if x.startswith("WARNING")]
-    assert len(warned) == 1, result.stdout  # two workers forked, one warning
-    for word in ("fork", "deadlock", "GNU OpenMP", "libgomp", "subprocess"):
-        assert word in warned[0], warned[0]
-
-
 # -- issue 14, Kind D: every process the pool starts is ended by the pool -------
 
 
@@ -946,27 +791,3 @@ def test_interpreter_exit_with_an_open_dataset_whose_loader_has_a_pool(
     workers = _procs.parse_pids(line)
     assert _procs.wait_gone(workers, 5.0) == []
     assert _procs.wait_gone(_launch_loaders.read_pids(log), 5.0) == []
-
-
-@pytest.mark.timeout(30)
-def test_fork_hazards_count_a_running_python_thread_and_forget_an_ended_one():
-    """Kind B: a Python thread that runs may hold a lock the child needs; once
-    it has ended (and the kernel has let its task go), it counts no more."""
-    from keras_oom.forksafe import fork_hazards
-
-    if os.environ.get("KERAS_BACKEND") == "tensorflow":
-        # TensorFlow keeps Python threads of its own running (tf.data), and
-        # is itself a hazard: there is no state with one thread to count.
-        pytest.skip("TensorFlow runs Python threads of its own")
-
-    release = threading.Event()
-    thread = threading.Thread(target=release.wait, name="held-lock-thread")
-    thread.start()
-    try:
-        found = [h for h in fork_hazards() if "Python thread" in h]
-        assert len(found) == 1 and "held-lock-thread" in found[0], found
-        assert launch.default_start_method() == "subprocess"
-    finally:
-        release.set()
-        thread.join(10)
-    assert not [h for h in fork_hazards() if "Python thread" in h]
