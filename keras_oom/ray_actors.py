@@ -1,0 +1,381 @@
+"""`RayExecutor`'s bookkeeping: its actors, their loads, and how each ends.
+
+Which Ray actor serves which worker indexes (actor `slot` serves
+`slot * in_flight` to `(slot + 1) * in_flight - 1`), the loads queued on
+each in the order they were sent, their deadlines (`start_timeout` while
+an actor starts, `timeout` for the load at the head of its queue), and
+the wording of each way one ends: the loader's error, a lost actor (sent
+again once, then a `WorkerDiedError`), a `WorkerTimeoutError`, an actor
+Ray cannot place (`WorkerStartError`). `RayActors` never blocks:
+`RayExecutor.wait` (keras_oom/ray.py) waits on Ray and hands it what is
+ready; the module docstring there says how each failure ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from keras_oom.errors import WorkerDiedError, WorkerStartError, WorkerTimeoutError
+from keras_oom.protocol import (
+    Arrived,
+    Event,
+    Joined,
+    Load,
+    Lost,
+    Outcome,
+    add_note,
+    decode_error,
+    describe_error,
+)
+from keras_oom.ray_options import format_resources, one_line
+from keras_oom.restarts import Restarts
+
+
+class Actor:
+    """One remote worker: a Ray actor and what is queued on it."""
+
+    def __init__(self, slot: int, handle: Any, setup_ref: Any) -> None:
+        self.slot = slot
+        self.handle = handle
+        self.setup_ref = setup_ref
+        self.created = time.monotonic()
+        self.ready = False
+        self.killed = False  # by kill(): its running load fails at once
+        self.where: dict[str, Any] = {}
+        with contextlib.suppress(Exception):  # a private attribute of Ray's
+            self.where["actor_id"] = handle._actor_id.hex()
+        self.queue: list[int] = []  # worker indexes with a load, as sent
+        self.head_since = self.created  # when the first of them began
+        self.cpu_seconds = 0.0
+
+    @property
+    def pid(self) -> int:
+        return int(self.where.get("pid", 0))
+
+    def __str__(self) -> str:
+        w = self.where
+        pid = f", pid {w['pid']}" if "pid" in w else ""
+        node = (
+            f" on node {w.get('ip', '?')} ({w.get('host', '?')}, "
+            f"node id {str(w.get('node_id', '?'))[:12]})"
+            if "node_id" in w
+            else " (not started yet)"
+        )
+        return f"Ray actor {w.get('actor_id', '?')} (worker {self.slot}{pid}){node}"
+
+
+class Pending(NamedTuple):
+    ref: Any
+    key: Any
+    actor: Actor
+
+
+class RayActors:
+    """The actors of one `RayExecutor` and the loads in flight on them.
+
+    Built unstarted; `begin` sizes it and `fill` creates each actor through
+    `create(slot) -> (handle, setup_ref)`. What happens is appended to
+    `events` for the executor's `take_events()`.
+
+    Args:
+        in_flight: Worker indexes per actor.
+        start_timeout: Seconds an actor may take to run its setup.
+        asked: The resources each actor asks Ray for (`{"CPU": 1, ...}`),
+            named when Ray cannot place one.
+    """
+
+    def __init__(
+        self, in_flight: int, start_timeout: float, asked: dict[str, Any]
+    ) -> None:
+        self.in_flight = in_flight
+        self.start_timeout = start_timeout
+        self.asked = asked
+        self.ray: Any = None
+        self.create: Callable[[int], tuple[Any, Any]] | None = None
+        self.timeout: float | None = None
+        self.closed = False
+        # Failed starts per actor index, the pause before the next, and
+        # what broke the executor: the local pool's own bookkeeping.
+        self.restarts = Restarts()
+        self.slots: list[Actor | None] = []  # actor slot -> its live actor
+        self.loads: dict[int, Pending] = {}  # worker index -> its load
+        self.setups: dict[Any, Actor] = {}  # setup ref -> actor
+        self.by_ref: dict[Any, int] = {}  # load ref -> worker index
+        self.lost_once: set[Any] = set()  # keys already sent again once
+        self.batches: dict[int, int] = {}
+        self.busy_seconds: dict[int, float] = {}
+        self.events: list[Event] = []
+        self.state_lock = threading.Lock()
+        self.retired_cpu_seconds = 0.0
+
+    def begin(self, num_workers: int, timeout: float | None) -> None:
+        """Sizes the table for `num_workers` actors, none created yet."""
+        self.timeout = timeout
+        self.slots = [None] * num_workers
+        self.restarts = Restarts(num_workers)
+
+    # -- actors -------------------------------------------------------------
+
+    def fill(self, slot: int) -> None:
+        """Creates the actor of `slot`; its indexes join at once (their
+        loads queue behind its setup)."""
+        if self.closed or self.restarts.broken is not None:
+            return
+        assert self.create is not None, "fill() before the executor started"
+        try:
+            handle, setup_ref = self.create(slot)
+        except Exception as e:
+            self.restarts.failed(slot, e)
+            return
+        actor = Actor(slot, handle, setup_ref)
+        with self.state_lock:
+            accepted = not self.closed  # else closed from another thread
+            if accepted:
+                self.slots[slot] = actor
+        if not accepted:
+            self.kill_handle(handle)
+            return
+        self.setups[setup_ref] = actor
+        self.events += [Joined(i) for i in self.indexes(slot)]
+
+    def indexes(self, slot: int) -> range:
+        return range(slot * self.in_flight, (slot + 1) * self.in_flight)
+
+    def refill(self) -> None:
+        for slot, actor in enumerate(self.slots):
+            if actor is None and self.restarts.due(slot):
+                self.fill(slot)
+
+    def send(self, worker_index: int, load: Load) -> None:
+        """Queues `load` on the actor of idle worker `worker_index`."""
+        actor = self.slots[worker_index // self.in_flight]
+        assert actor is not None and worker_index not in self.loads, (
+            f"worker {worker_index} is not idle"
+        )
+        try:
+            ref = actor.handle.load.remote(load)
+        except Exception as e:  # the handle is unusable: the actor is lost
+            self.loads[worker_index] = Pending(None, load.key, actor)
+            actor.queue.append(worker_index)
+            self.lose(actor, e)
+            return
+        self.loads[worker_index] = Pending(ref, load.key, actor)
+        self.by_ref[ref] = worker_index
+        if not actor.queue:
+            actor.head_since = time.monotonic()
+        actor.queue.append(worker_index)
+
+    def kill(self, worker_index: int) -> None:
+        """Ends the actor of `worker_index` as `RayExecutor.kill` says."""
+        actor = self.slots[worker_index // self.in_flight]
+        if actor is not None:
+            actor.killed = True
+            self.lose(actor, RuntimeError("killed by RayExecutor.kill()"))
+
+    def expecting(self) -> bool:
+        return bool(self.loads) or any(a is None for a in self.slots)
+
+    def close(self) -> list[Actor]:
+        """Marks the table closed; the live actors, for the caller to kill
+        (none if it was closed already)."""
+        with self.state_lock:
+            if self.closed:
+                return []
+            self.closed = True
+            actors = [a for a in self.slots if a is not None]
+            self.slots = [None] * len(self.slots)
+        return actors
+
+    def kill_handle(self, handle: Any) -> None:
+        with contextlib.suppress(Exception):  # already dead, or Ray shut down
+            self.ray.kill(handle, no_restart=True)
+
+    # -- what arrives -------------------------------------------------------
+
+    def handle(self, ready: list[Any]) -> None:
+        """Applies every finished setup, then every finished load, each
+        actor's in the order they were sent."""
+        for ref in [r for r in ready if r in self.setups]:
+            self._setup_done(ref)
+        # After the setups: an actor lost while starting took its loads.
+        loads = [r for r in ready if r in self.by_ref]
+
+        def order(ref: Any) -> tuple[int, int]:
+            pending = self.loads[self.by_ref[ref]]
+            return pending.actor.slot, pending.actor.queue.index(self.by_ref[ref])
+
+        for ref in sorted(loads, key=order):
+            if ref in self.by_ref:  # not lost with its actor meanwhile
+                self._load_done(ref)
+
+    def _setup_done(self, ref: Any) -> None:
+        actor = self.setups.pop(ref)
+        ray = self.ray
+        try:
+            status, where, payload = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            self.lose(actor, e)
+            return
+        actor.where.update(where)
+        if status == "failed":
+            error = decode_error(payload, f"{actor} while starting")
+            add_note(error, "keras_oom: the Ray executor cannot start actors; broken")
+            self.restarts.break_(error)
+            return
+        actor.ready = True
+        actor.head_since = time.monotonic()  # `timeout` counts loading only
+        self.restarts.started(actor.slot)
+
+    def _load_done(self, ref: Any) -> None:
+        ray = self.ray
+        index = self.by_ref[ref]
+        pending = self.loads[index]
+        actor = pending.actor
+        try:
+            value, seconds, cpu, payload = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            # Not the loader's error (the actor catches those): Ray could
+            # not store the batch (it does not serialise). That batch only.
+            cause = getattr(e, "cause", None)
+            error = cause if isinstance(cause, BaseException) else e
+            add_note(error, f"keras_oom: Ray could not return the batch from {actor}")
+            self._arrive(index, Outcome(error=error, pid=actor.pid))
+            return
+        except ray.exceptions.RayError as e:  # the actor or its node is gone
+            self.lose(actor, e)
+            return
+        error = None if payload is None else decode_error(payload, str(actor))
+        actor.cpu_seconds = cpu
+        self.batches[index] = self.batches.get(index, 0) + 1
+        self.busy_seconds[index] = self.busy_seconds.get(index, 0.0) + seconds
+        self.lost_once.discard(pending.key)
+        self._arrive(index, Outcome(value, error, seconds, actor.pid))
+
+    def _arrive(self, index: int, outcome: Outcome) -> None:
+        pending = self.loads.pop(index)
+        self.by_ref.pop(pending.ref, None)
+        actor = pending.actor
+        actor.queue.remove(index)
+        actor.head_since = time.monotonic()
+        self.events.append(Arrived(index, pending.key, outcome))
+
+    # -- deadlines and losses -----------------------------------------------
+
+    def check_deadlines(self) -> None:
+        now = time.monotonic()
+        for actor in list(self.slots):
+            if actor is None or self.slots[actor.slot] is not actor:
+                continue
+            if not actor.ready:
+                if now >= actor.created + self.start_timeout:
+                    self.restarts.break_(self._unschedulable(actor))
+            elif (
+                self.timeout is not None
+                and actor.queue
+                and now >= actor.head_since + self.timeout
+            ):
+                self.lose(actor, None, timed_out=actor.queue[0])
+
+    def next_deadline(self) -> float:
+        """The nearest moment `wait` must act without Ray telling it."""
+        deadlines = [math.inf]
+        for slot, actor in enumerate(self.slots):
+            if actor is None:
+                deadlines.append(time.monotonic() + self.restarts.seconds_until(slot))
+            elif not actor.ready:
+                deadlines.append(actor.created + self.start_timeout)
+            elif self.timeout is not None and actor.queue:
+                deadlines.append(actor.head_since + self.timeout)
+        return min(deadlines)
+
+    def _unschedulable(self, actor: Actor) -> WorkerStartError:
+        ray = self.ray
+        try:
+            available = ray.available_resources()
+            total = ray.cluster_resources()
+            have = (
+                f"available now: {format_resources(available)}; in the cluster: "
+                f"{format_resources(total)}"
+            )
+        except Exception as e:
+            have = f"the cluster's resources could not be read ({describe_error(e)})"
+        return WorkerStartError(
+            f"keras_oom's {actor} did not start within start_timeout="
+            f"{self.start_timeout}s: Ray could not place it, or its setup "
+            f"(worker_init) did not finish. Each actor asks for "
+            f"{format_resources(self.asked)}; {have}. Add nodes or CPUs, lower "
+            f"num_cpus or num_workers, or raise start_timeout."
+        )
+
+    def lose(
+        self,
+        actor: Actor,
+        cause: BaseException | None,
+        *,
+        timed_out: int | None = None,
+    ) -> None:
+        """Ends `actor`: each of its indexes is `Lost`, then it is replaced."""
+        with self.state_lock:
+            mine = self.slots[actor.slot] is actor
+            if mine:
+                self.slots[actor.slot] = None
+        if not mine:
+            return  # closed meanwhile: the caller gets DatasetClosedError
+        self.kill_handle(actor.handle)
+        self.setups.pop(actor.setup_ref, None)
+        head = actor.queue[0] if actor.queue else None
+        for index in self.indexes(actor.slot):
+            pending = self.loads.pop(index, None)
+            if pending is not None:
+                self.by_ref.pop(pending.ref, None)
+            outcome = None
+            if pending is not None and self.restarts.broken is None:
+                outcome = self._loss_outcome(
+                    actor, pending, index, head, cause, timed_out
+                )
+            self.events.append(Lost(index, outcome))
+        self.retired_cpu_seconds += actor.cpu_seconds
+        if not actor.ready and timed_out is None and not actor.killed:
+            self.restarts.failed(actor.slot, cause or RuntimeError("lost"))
+        if self.restarts.due(actor.slot):
+            self.fill(actor.slot)
+
+    def _loss_outcome(
+        self,
+        actor: Actor,
+        pending: Pending,
+        index: int,
+        head: int | None,
+        cause: BaseException | None,
+        timed_out: int | None,
+    ) -> Outcome | None:
+        """The error that ends `pending`, or None: send it again."""
+        if index == timed_out:
+            return Outcome(
+                error=WorkerTimeoutError(
+                    f"keras_oom's {actor} took longer than timeout="
+                    f"{self.timeout}s on one batch and was killed (ray.kill)."
+                ),
+                pid=actor.pid,
+            )
+        if not actor.ready or index != head:
+            return None  # it never started
+        if not actor.killed and pending.key not in self.lost_once:
+            self.lost_once.add(pending.key)  # a pure function: run it again
+            return None
+        again = "" if actor.killed else " a second time"
+        why = "" if cause is None else f" Ray says: {one_line(cause)}"
+        return Outcome(
+            error=WorkerDiedError(
+                f"keras_oom's {actor} was lost{again} while loading a batch.{why}",
+                pid=actor.pid,
+                exitcode=None,
+                batch_index=None,
+            ),
+            pid=actor.pid,
+        )
