@@ -1,0 +1,167 @@
+"""The engine's caller-side read-ahead policy (`keras_oom.readahead`):
+re-reads of an epoch's first batches (`ReReadCache`) and reads out of order
+(`OrderWatch`). No processes."""
+
+from __future__ import annotations
+
+import _faults
+import numpy as np
+import pytest
+
+from keras_oom.readahead import OrderWatch, ReReadCache
+
+CLASS_NAMES = sorted(_faults.CLASSES)
+
+
+# -- ReReadCache --------------------------------------------------------------------
+
+
+def test_rereadcache_serves_a_reread_of_the_same_key():
+    cache = ReReadCache(size=2)
+    cache.seen((0, 0), "b0")
+    cache.seen((0, 1), "b1")
+    assert cache.get((0, 0)) == (True, "b0")
+    assert cache.get((0, 1)) == (True, "b1")
+    assert cache.get((1, 0)) == (False, None)  # another epoch's batch 0
+    assert len(cache) == 2
+
+
+def test_rereadcache_returns_copies():
+    cache = ReReadCache()
+    batch = np.zeros(3)
+    cache.seen((0, 0), batch)
+    batch[0] = 1  # the caller changes the batch it was handed
+    hit, first = cache.get((0, 0))
+    assert hit and first[0] == 0
+    first[1] = 5  # and the copy it got from the cache
+    assert cache.get((0, 0))[1][1] == 0
+
+
+def test_rereadcache_forgets_after_a_later_batch():
+    cache = ReReadCache(size=2)
+    cache.seen((0, 0), "b0")
+    cache.seen((0, 1), "b1")
+    cache.seen((0, 2), "b2")
+    assert len(cache) == 0
+    assert cache.get((0, 0)) == (False, None)
+
+
+def test_rereadcache_holds_one_epoch_only():
+    """Issue 8, item 5: with two batches per epoch it was never cleared."""
+    cache = ReReadCache(size=2)
+    for epoch in range(30):
+        cache.seen((epoch, 0), f"e{epoch}b0")
+        cache.seen((epoch, 1), f"e{epoch}b1")
+        assert len(cache) <= 2
+        assert all(cache.get((old, 0))[0] is False for old in range(epoch))
+    assert cache.get((29, 0)) == (True, "e29b0")
+    cache.seen((30, 1), "x")  # a shuffled epoch starting at its batch 1
+    assert len(cache) == 1
+    assert cache.get((29, 0)) == (False, None)
+
+
+def test_rereadcache_skips_values_that_cannot_be_copied():
+    class NoCopy:
+        def __deepcopy__(self, memo):
+            raise TypeError("no copies")
+
+    cache = ReReadCache()
+    cache.seen((0, 0), NoCopy())
+    assert cache.get((0, 0)) == (False, None)
+
+
+class CopyRaises:
+    """A batch whose deep copy raises `exc`, after `copies` copies worked."""
+
+    def __init__(self, exc, copies=0):
+        self.exc = exc
+        self.copies = copies
+
+    def __deepcopy__(self, memo):
+        if self.copies <= 0:
+            raise _faults.make(self.exc, "no copies")
+        self.copies -= 1
+        return CopyRaises(self.exc, 0)
+
+
+@pytest.mark.parametrize("exc", CLASS_NAMES)
+def test_rereadcache_skips_values_whose_copy_raises_any_class(exc):
+    """Kind C: a batch whose `__deepcopy__` raised a `BaseException` (say
+    `KeyboardInterrupt`) failed the read that had loaded it."""
+    cache = ReReadCache()
+    cache.seen((0, 0), CopyRaises(exc))
+    assert cache.get((0, 0)) == (False, None)
+
+
+@pytest.mark.parametrize("exc", CLASS_NAMES)
+def test_rereadcache_forgets_a_kept_value_whose_second_copy_raises(exc):
+    """Kind C: the copy handed out on a re-read raised (any class): a miss,
+    the batch is loaded again, instead of a failed read."""
+    cache = ReReadCache()
+    cache.seen((0, 0), CopyRaises(exc, copies=1))  # kept: its first copy works
+    assert len(cache) == 1
+    assert cache.get((0, 0)) == (False, None)
+    assert len(cache) == 0
+
+
+def test_rereadcache_clear():
+    cache = ReReadCache()
+    cache.seen((0, 0), 1)
+    cache.clear()
+    assert len(cache) == 0
+
+
+# -- OrderWatch ---------------------------------------------------------------------
+
+
+def _reads(watch, keys, batches_per_epoch=10):
+    """Feeds `keys` as `PrefetchLoaderDataset._note_order` does."""
+    warned = []
+    for key in keys:
+        last = watch.last
+        expected = None
+        if last is not None:
+            expected = (last[0], last[1] + 1)
+            if expected[1] == batches_per_epoch:
+                expected = (last[0] + 1, 0)
+        warned.append(watch.note(key, expected))
+    return warned
+
+
+def test_orderwatch_in_order_never_warns():
+    watch = OrderWatch()
+    keys = [(e, b) for e in range(3) for b in range(10)]
+    assert not any(_reads(watch, keys))
+    assert watch.last == (2, 9)
+
+
+def test_orderwatch_one_jump_does_not_warn():
+    watch = OrderWatch()
+    assert not any(_reads(watch, [(0, 0), (0, 1), (0, 6), (0, 7), (0, 8)]))
+    assert not watch.warned
+
+
+def test_orderwatch_a_repeated_read_is_not_out_of_order():
+    watch = OrderWatch()
+    assert not any(_reads(watch, [(0, 0), (0, 0), (0, 1), (0, 1), (0, 2)]))
+
+
+def test_orderwatch_two_out_of_order_reads_warn_once():
+    watch = OrderWatch()
+    warned = _reads(watch, [(0, 0), (0, 5), (0, 2), (0, 8), (0, 3), (1, 4), (1, 7)])
+    assert warned == [False, False, True, False, False, False, False]
+    assert watch.warned
+
+
+def test_orderwatch_batch_zero_never_counts():
+    # Keras reads batch 0 before each epoch (JAX) and at each epoch's start.
+    watch = OrderWatch()
+    keys = [(0, 0), (0, 1), (0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 7)]
+    assert not any(_reads(watch, keys))
+
+
+def test_orderwatch_counts_per_epoch():
+    watch = OrderWatch()
+    # One jump in each epoch: never two in one epoch.
+    keys = [(0, 0), (0, 4), (0, 5), (1, 0), (1, 6), (1, 7), (2, 0), (2, 3)]
+    assert not any(_reads(watch, keys))
