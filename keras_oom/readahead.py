@@ -8,6 +8,8 @@ import contextlib
 import copy
 from typing import Any
 
+import numpy as np
+
 from keras_oom.schedule import Key
 
 
@@ -24,17 +26,23 @@ class ReReadCache:
     def __init__(self, size: int = 2) -> None:
         self.size = size
         self._kept: dict[Key, Any] = {}
+        self._frozen: set[Key] = set()  # kept as handed out: `_unchangeable`
 
     def get(self, key: Key) -> tuple[bool, Any]:
         """`(True, a copy of the value)` if `key` was kept, else `(False, None)`.
+
+        (The value itself where the caller cannot change it: `_unchangeable`.)
 
         A value whose copy raises (any class) is forgotten: a miss, loaded
         again. Call it with SIGINT deferred, so that Ctrl-C is not taken
         for such a copy.
         """
         if key in self._kept:
+            value = self._kept[key]
+            if key in self._frozen:
+                return True, value
             try:
-                return True, copy.deepcopy(self._kept[key])
+                return True, copy.deepcopy(value)
             except BaseException:
                 del self._kept[key]
         return False, None
@@ -48,16 +56,55 @@ class ReReadCache:
         (any class) is not kept; call it with SIGINT deferred, as `get`.
         """
         if key[1] >= self.size or any(k[0] != key[0] for k in self._kept):
-            self._kept.clear()
+            self.clear()
         if key[1] < self.size:
+            if _unchangeable(value):  # no copy: the caller cannot change it
+                self._kept[key] = value
+                self._frozen.add(key)
+                return
+            self._frozen.discard(key)
             with contextlib.suppress(BaseException):  # it cannot be copied
                 self._kept[key] = copy.deepcopy(value)
 
     def clear(self) -> None:
         self._kept.clear()
+        self._frozen.clear()
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+def _unchangeable(value: Any) -> bool:
+    """Whether no holder of `value` can change it in place.
+
+    True for immutable scalars and strings, tuples of such values, and NumPy
+    arrays that are read-only all the way down to a read-only buffer (the
+    Ray executor's batches: views of the object store). Not for a read-only
+    array that owns its data or views a writable one: its owner may turn
+    writing back on, or write through the base. Such values are kept as
+    they are; a deep copy of the local pool's batches would cost a copy of
+    each of an epoch's first batches, which its zero-copy transport avoids.
+    """
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return True
+    if isinstance(value, np.generic):
+        return value.dtype != object
+    if isinstance(value, tuple):
+        return all(_unchangeable(v) for v in value)
+    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+        return False
+    base: Any = value
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    if base is None:  # owns its data: the flag can be turned back on
+        return False
+    try:
+        with memoryview(base) as view:
+            return view.readonly
+    except TypeError:
+        return False
 
 
 class OrderWatch:

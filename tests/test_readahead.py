@@ -165,3 +165,64 @@ def test_orderwatch_counts_per_epoch():
     # One jump in each epoch: never two in one epoch.
     keys = [(0, 0), (0, 4), (0, 5), (1, 0), (1, 6), (1, 7), (2, 0), (2, 3)]
     assert not any(_reads(watch, keys))
+
+
+def test_rereadcache_keeps_read_only_batches_without_copying():
+    """Zero-copy: a batch whose arrays are read-only (the Ray executor's,
+    straight from the object store) cannot be changed by the caller, so
+    the cache keeps and hands out the batch itself; every epoch's batches 0
+    and 1 were deep-copied before."""
+    # Views of read-only buffers, as Ray's arrays are (of its object store).
+    x = np.frombuffer(np.arange(6.0).tobytes()).reshape(2, 3)
+    y = np.frombuffer(np.array([0, 1]).tobytes(), dtype=np.int64)
+    cache = ReReadCache()
+    cache.seen((0, 0), (x, y))
+    hit, again = cache.get((0, 0))
+    assert hit
+    assert again[0] is x and again[1] is y
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        "a list",  # replaced below by each case's own container
+        "a dict",
+        "a writable array in a tuple",
+        "a read-only view of a writable array",
+        "a read-only array that owns its data",
+    ],
+)
+def test_rereadcache_still_copies_what_the_caller_can_change(batch):
+    """A batch the caller can change in place (a writable array anywhere,
+    a mutable container, a read-only view whose base is writable) is kept
+    as a copy: a re-read gives the original values."""
+    ro = np.frombuffer(bytes(24))  # read-only, three 0.0
+    own = np.zeros(3)
+    own.flags.writeable = False
+    base = np.zeros(3)
+    view = base[:]
+    view.flags.writeable = False
+    value, change = {
+        "a list": ([ro], lambda v: v.__setitem__(0, None)),
+        "a dict": ({"x": ro}, lambda v: v.__setitem__("x", None)),
+        "a writable array in a tuple": (
+            (ro, np.zeros(3)),
+            lambda v: v[1].__setitem__(0, 7),
+        ),
+        "a read-only view of a writable array": (
+            (view,),
+            lambda v: base.__setitem__(0, 7),
+        ),
+        "a read-only array that owns its data": (
+            (own,),
+            lambda v: (own.setflags(write=True), own.__setitem__(0, 7)),
+        ),
+    }[batch]
+    cache = ReReadCache()
+    cache.seen((0, 0), value)
+    change(value)
+    hit, again = cache.get((0, 0))
+    assert hit
+    assert again is not value
+    flat = again.values() if isinstance(again, dict) else again
+    assert all(a is not None and not np.any(a) for a in flat), again
