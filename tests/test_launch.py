@@ -20,7 +20,7 @@ import _procs
 import numpy as np
 import pytest
 
-from keras_oom import LoaderDataset, PrefetchLoaderDataset, launch
+from keras_oom import LoaderDataset, PrefetchLoaderDataset
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,28 +184,47 @@ def test_explicit_fork_still_forks_and_warns_once_naming_the_pool(tmp_path):
         assert word in warned[0], warned[0]
 
 
-@pytest.mark.timeout(30)
-def test_fork_hazards_count_a_running_python_thread_and_forget_an_ended_one():
+THREAD_HAZARD = """
+import threading
+from keras_oom import launch
+from keras_oom.forksafe import fork_hazards
+
+def threads():
+    return [h for h in fork_hazards() if "Python thread" in h]
+
+print("BEFORE", threads(), flush=True)
+release = threading.Event()
+thread = threading.Thread(target=release.wait, name="held-lock-thread")
+thread.start()
+print("RUNNING", threads(), launch.default_start_method(), flush=True)
+release.set()
+thread.join(10)
+print("ENDED", threads(), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_fork_hazards_count_a_running_python_thread_and_forget_an_ended_one(
+    tmp_path,
+):
     """Kind B: a Python thread that runs may hold a lock the child needs; once
-    it has ended (and the kernel has let its task go), it counts no more."""
-    from keras_oom.forksafe import fork_hazards
+    it has ended (and the kernel has let its task go), it counts no more.
 
-    if os.environ.get("KERAS_BACKEND") == "tensorflow":
-        # TensorFlow keeps Python threads of its own running (tf.data), and
-        # is itself a hazard: there is no state with one thread to count.
-        pytest.skip("TensorFlow runs Python threads of its own")
-
-    release = threading.Event()
-    thread = threading.Thread(target=release.wait, name="held-lock-thread")
-    thread.start()
-    try:
-        found = [h for h in fork_hazards() if "Python thread" in h]
-        assert len(found) == 1 and "held-lock-thread" in found[0], found
-        assert launch.default_start_method() == "subprocess"
-    finally:
-        release.set()
-        thread.join(10)
-    assert not [h for h in fork_hazards() if "Python thread" in h]
+    In a fresh interpreter: threads that earlier tests left in this one (a
+    dataset's sample threads until it is collected, a backend's pools)
+    would count too."""
+    result = _procs.run_script(tmp_path, THREAD_HAZARD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {
+        line.split(" ", 1)[0]: line.split(" ", 1)[1]
+        for line in result.stdout.splitlines()
+        if line.startswith(("BEFORE", "RUNNING", "ENDED"))
+    }
+    assert lines["BEFORE"] == "[]", result.stdout
+    running = lines["RUNNING"]
+    assert "1 other Python thread runs ('held-lock-thread')" in running, running
+    assert running.endswith(" subprocess"), running
+    assert lines["ENDED"] == "[]", result.stdout
 
 
 # -- start methods and the loader's pickling ---------------------------------------
