@@ -45,7 +45,6 @@ ends workers.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from multiprocessing.connection import Connection, wait
@@ -66,6 +65,7 @@ from keras_oom.launch import (
     main_reimport_message,
     reimport_hint,
 )
+from keras_oom.per_process import Owner
 from keras_oom.pool_shutdown import release, stop
 from keras_oom.processes import Process, close_conn
 from keras_oom.protocol import (
@@ -142,7 +142,7 @@ class ProcessPool:
         # finalizer) while the owner replaces one.
         self._state_lock = threading.Lock()
         self.started_at = time.perf_counter()
-        self._owner_pid = os.getpid()
+        self._owner = Owner()
 
     def start(
         self, setup: WorkerSetup, num_workers: int, *, timeout: float | None = None
@@ -426,7 +426,7 @@ class ProcessPool:
             self._closed = True
             workers = [w for w in self._workers if w is not None]
             self._workers = [None] * len(self._workers)
-        if os.getpid() != self._owner_pid:
+        if not self._owner.here():
             # A copy in a forked child (the user's os.fork()): the workers
             # belong to the parent; only let go of the inherited descriptors.
             for w in workers:

@@ -50,12 +50,12 @@ index), and the engine's window keeps at most that many loaded ahead.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from typing import Any
 
 from keras_oom.errors import DatasetClosedError
+from keras_oom.per_process import Owner
 from keras_oom.protocol import Event, Load, WorkerSetup
 from keras_oom.ray_actors import Actor, Pending, RayActors
 from keras_oom.ray_options import (
@@ -174,7 +174,7 @@ class RayExecutor:
         # The actors, their loads, deadlines and losses (ray_actors.py).
         self._actors = RayActors(self.in_flight, self.start_timeout, self._asked())
         self._closing = threading.Event()
-        self._owner_pid = os.getpid()
+        self._owner = Owner()
         self._local_node: str | None = None
         self.started_at = time.perf_counter()
 
@@ -374,7 +374,7 @@ class RayExecutor:
         any thread. Never shuts Ray down."""
         actors = self._actors.close()  # none if it was closed already
         self._closing.set()
-        if os.getpid() != self._owner_pid:
+        if not self._owner.here():
             return  # a fork of the owner: the actors are the owner's
         for actor in actors:
             self._actors.kill_handle(actor.handle)

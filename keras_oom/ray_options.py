@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any
 
+from keras_oom.checks import as_index
 from keras_oom.protocol import WorkerSetup, describe_error, safe_str
 
 # Options the executor sets itself: it replaces lost actors (Ray must not
@@ -70,8 +71,6 @@ def check_num_cpus(num_cpus: Any) -> float:
 
 
 def check_in_flight(in_flight: Any) -> int:
-    from keras_oom.checks import as_index
-
     return as_index(in_flight, "in_flight", minimum=1, what="a positive integer")
 
 
