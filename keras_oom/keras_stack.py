@@ -13,8 +13,9 @@ Keras's package directory) and its function's name:
   locals once);
 - `_fit_iterator`: the running fit's `EpochIterator`: its adapter and the
   batches one Keras epoch consumes;
-- `_reading_adapter`: the `PyDatasetAdapter` whose generator is reading
-  (on TensorFlow, tf.data's thread).
+- `_read_context`: the caller as `_keras_caller` tells it, and the
+  `PyDatasetAdapter` whose generator is reading (on TensorFlow, tf.data's
+  thread), in one walk: it runs for every batch read.
 
 Frames are matched by code name and file, never by `f_locals`, except in
 the few frames named where the locals hold no batch: reading a frame's
@@ -102,20 +103,27 @@ def _fit_iterator(
     return None, None
 
 
-def _reading_adapter(frame: FrameType | None) -> Any:
-    """The `PyDatasetAdapter` whose generator is reading, or None.
+def _read_context(frame: FrameType | None) -> tuple[str | None, Any]:
+    """`_keras_caller`'s caller, and the `PyDatasetAdapter` whose generator
+    is reading (or None), in one walk of the stack.
 
     Keras's own generators (`_finite_generator`, `_infinite_generator`) read
     the dataset on whatever thread runs them: Keras's on JAX and torch,
-    tf.data's on TensorFlow. Their locals are `self`, the indices and the
-    index, never a batch, so reading them keeps nothing alive.
+    tf.data's on TensorFlow. A generator lies inside the `fit` /
+    `evaluate` / `predict` frame that drives it, so the walk stops at that
+    frame. The generators' locals are `self`, the indices and the index,
+    never a batch, so reading them keeps nothing alive.
     """
+    adapter = None
     while frame is not None:
         code = frame.f_code
-        if code.co_name in _GENERATORS and code.co_filename.startswith(_KERAS_DIR):
-            return frame.f_locals.get("self")
+        if code.co_filename.startswith(_KERAS_DIR):
+            if code.co_name in _KNOWN:
+                return code.co_name, adapter
+            if adapter is None and code.co_name in _GENERATORS:
+                adapter = frame.f_locals.get("self")
         frame = frame.f_back
-    return None
+    return None, adapter
 
 
 def _keras_frame(frame: FrameType | None) -> FrameType | None:

@@ -22,7 +22,7 @@ from keras_oom.keras_stack import (
     _fit_iterator,
     _keras_caller,
     _keras_frame,
-    _reading_adapter,
+    _read_context,
 )
 
 
@@ -141,10 +141,9 @@ class TrainingPasses:
 
     def read(self, index: int) -> None:
         """Call for every batch handed out, with its index in the pass."""
-        caller, _ = _keras_caller(sys._getframe(1))
+        caller, reader = _read_context(sys._getframe(1))
         if caller in _NOT_TRAINING:
             return
-        reader = _reading_adapter(sys._getframe(1))
         with self._lock:
             self._reads_reported = True
             if not self._training:
