@@ -4,10 +4,16 @@ re-reads of an epoch's first batches (`ReReadCache`) and reads out of order
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+
 import _faults
+import _sample_loaders
 import numpy as np
 import pytest
 
+from keras_oom import PrefetchLoaderDataset
 from keras_oom.readahead import OrderWatch, ReReadCache
 
 CLASS_NAMES = sorted(_faults.CLASSES)
@@ -226,3 +232,121 @@ def test_rereadcache_still_copies_what_the_caller_can_change(batch):
     assert again is not value
     flat = again.values() if isinstance(again, dict) else again
     assert all(a is not None and not np.any(a) for a in flat), again
+
+
+# -- ReReadCache over the local pool: batches in shared memory --------------------
+#
+# The local pool hands out writable arrays that are views of a worker's
+# shared-memory buffer (transport.py). These tests pin what any change to
+# how the cache keeps such batches must preserve (issue 16 weighed keeping
+# them without a copy: readahead.py says why they are still copied).
+
+
+def _shared_mappings() -> list[str]:
+    """This process's mappings of keras_oom shared-memory buffers."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "keras_oom_batch" in line]
+
+
+def _in_shared_memory(arr: np.ndarray) -> bool:
+    address = arr.__array_interface__["data"][0]
+    for line in _shared_mappings():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+def _memfd_descriptors() -> list[str]:
+    """This process's open descriptors of keras_oom shared-memory files."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if "keras_oom_batch" in os.readlink(f"/proc/self/fd/{fd}"):
+                found.append(fd)
+    return found
+
+
+def _want(i: int) -> np.ndarray:
+    """Batch `i` of `kept_batch_loader` over `np.arange(32)`, batch size 8."""
+    rows = np.arange(8 * i, 8 * i + 8, dtype=np.float32)
+    return np.broadcast_to(rows[:, None, None, None], (8, *_sample_loaders.SHAPE))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_reread_of_batches_0_and_1_ignores_the_callers_in_place_changes(
+    start_method,
+):
+    """Kind A: the caller augments batches 0 and 1 in place (`x[:] = -1`) on
+    shared memory; a re-read (TensorFlow's, JAX's) must still give them as
+    loaded, from the cache, in memory apart from what the caller changed.
+    A cache that kept the shared-memory batch itself would hand the changed
+    values back."""
+    ids = np.arange(32)
+    with PrefetchLoaderDataset(
+        _sample_loaders.kept_batch_loader,
+        ids,
+        batch_size=8,
+        num_workers=2,
+        start_method=start_method,
+    ) as ds:
+        first = [ds[0], ds[1]]
+        assert all(_in_shared_memory(b) and b.flags.writeable for b in first)
+        for b in first:
+            b[:] = -1  # in-place augmentation, into the worker's buffer
+        hits = ds.stats()["hits"]
+        again = [ds[0], ds[1]]
+        assert ds.stats()["hits"] == hits + 2  # served by the cache
+        for i, (b, a) in enumerate(zip(first, again, strict=True)):
+            np.testing.assert_array_equal(a, _want(i), err_msg=f"batch {i}")
+            assert not np.shares_memory(a, b)
+            assert (b == -1).all()  # the caller's copy keeps its changes
+        del first, again, b, a
+
+
+@pytest.mark.timeout(90)
+def test_rereads_over_many_epochs_return_every_shared_buffer():
+    """Kind B: batches 0 and 1 of every epoch are read twice and dropped; the
+    buffers they came in must go back to the workers when the cache forgets
+    them (the epoch moves on, a later batch is read). Otherwise the parent
+    maps one more buffer per epoch, and the workers run out of them (past
+    the mapping budget batches cross in the socket, no longer in place)."""
+    before = len(_shared_mappings())
+    ids = np.arange(32)
+    with PrefetchLoaderDataset(
+        _sample_loaders.kept_batch_loader, ids, batch_size=8, num_workers=2
+    ) as ds:
+        for _ in range(30):
+            for i in (0, 0, 1, 1, 2, 3):
+                batch = ds[i]
+                np.testing.assert_array_equal(batch, _want(i))
+            ds.on_epoch_end()
+        assert _in_shared_memory(ds[0])  # still in place: buffers to spare
+        del batch
+        gc.collect()
+        # Per worker: its free buffer and those of the batches loaded ahead.
+        assert len(_shared_mappings()) - before <= 2 * 4, _shared_mappings()
+
+
+@pytest.mark.timeout(60)
+def test_close_with_kept_batches_leaks_no_shared_memory():
+    """Kind B: `close()` while the cache keeps batches 0 and 1 (read, not
+    yet re-read) must leave no mapping or descriptor of a worker's buffer
+    once the caller drops what it read."""
+    before_maps = set(_shared_mappings())
+    before_fds = _memfd_descriptors()
+    ids = np.arange(32)
+    ds = PrefetchLoaderDataset(
+        _sample_loaders.kept_batch_loader, ids, batch_size=8, num_workers=2
+    )
+    try:
+        held = [ds[0], ds[1]]
+        assert all(_in_shared_memory(b) for b in held)
+    finally:
+        ds.close()
+    np.testing.assert_array_equal(held[1], _want(1))  # held batches survive close
+    del held
+    gc.collect()
+    assert set(_shared_mappings()) <= before_maps
+    assert _memfd_descriptors() == before_fds
