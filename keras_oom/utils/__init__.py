@@ -3,8 +3,8 @@
 Each function takes the parameters, defaults and semantics of its Keras
 namesake and returns a keras-oom dataset:
 
-- `image_dataset_from_directory` (images.py; decoding and resizing in
-  image_io.py),
+- `image_dataset_from_directory` (images.py; what workers run in
+  image_readers.py, over image_decode.py and image_resize.py),
 - `text_dataset_from_directory` (text.py),
 - `audio_dataset_from_directory` (audio.py),
 - `timeseries_dataset_from_array` (timeseries.py).
@@ -14,7 +14,7 @@ and split; the dataset classes `FileDataset` and `PrefetchFileDataset`);
 `file_io.py` reads text and WAV files and defines `FileReadError`.
 
 Names are imported on first use: worker processes unpickle readers from
-`image_io.py` and `file_io.py`, which import neither Keras nor a backend,
+`image_readers.py` and `file_io.py`, which import neither Keras nor a backend,
 and must not import the rest of this package.
 """
 

@@ -10,7 +10,7 @@ over the files: a `LoaderDataset` for `num_workers=0`, a
 `file_paths` attributes.
 
 Runs in the caller's process only (it imports Keras); what workers run is in
-`image_io.py` and `file_io.py`.
+`image_readers.py` and `file_io.py`.
 """
 
 from __future__ import annotations

@@ -10,13 +10,9 @@ import numpy as np
 from keras_oom.samples import stack_samples
 from keras_oom.utils import directory as folder
 from keras_oom.utils.directory import FileDataset, PrefetchFileDataset
-from keras_oom.utils.image_io import (
-    INTERPOLATIONS,
-    TF_ONLY_INTERPOLATIONS,
-    ImageBatchReader,
-    ImageReader,
-    check_extra,
-)
+from keras_oom.utils.image_decode import check_extra
+from keras_oom.utils.image_readers import ImageBatchReader, ImageReader
+from keras_oom.utils.image_resize import INTERPOLATIONS, TF_ONLY_INTERPOLATIONS
 
 #: Keras's allow-listed image extensions (keras.src.utils.image_dataset_utils).
 ALLOWLIST_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
