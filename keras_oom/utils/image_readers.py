@@ -26,6 +26,7 @@ separable filter: 1.6 ms, bicubic 2.4 ms). The decoder is the limit.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import weakref
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from keras_oom.utils.image_decode import decode_pixels, import_cv2, import_pil
 from keras_oom.utils.image_resize import crop_box, pad_to_aspect, resize
 
 
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity
 class ImageReader:
     """`reader(path, rng) -> image`: one file decoded, resized and augmented.
 
@@ -61,24 +63,18 @@ class ImageReader:
             sample's `numpy.random.Generator`.
     """
 
-    def __init__(
-        self,
-        image_size: tuple[int, int],
-        num_channels: int,
-        interpolation: str,
-        data_format: str,
-        crop_to_aspect_ratio: bool = False,
-        pad_to_aspect_ratio: bool = False,
-        augment: Callable[[np.ndarray, np.random.Generator], Any] | None = None,
-    ) -> None:
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.num_channels = num_channels
-        self.interpolation = interpolation
-        self.data_format = data_format
-        self.crop_to_aspect_ratio = crop_to_aspect_ratio
-        self.pad_to_aspect_ratio = pad_to_aspect_ratio
-        self.augment = augment
-        self._pid = -1
+    image_size: tuple[int, int]
+    num_channels: int
+    interpolation: str
+    data_format: str
+    crop_to_aspect_ratio: bool = False
+    pad_to_aspect_ratio: bool = False
+    augment: Callable[[np.ndarray, np.random.Generator], Any] | None = None
+    # The process that imported the decoders; -1 until the first image.
+    _pid: int = dataclasses.field(default=-1, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pid": -1}
