@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,23 @@ from keras_oom.prefetch import PrefetchLoaderDataset
 from keras_oom.utils.file_io import Unbatched
 
 LABEL_MODES = ("int", "categorical", "binary", None)
+#: The parameters every `*_dataset_from_directory` function forwards to
+#: `from_directory` as they are, by name (`dataset_kwargs`: its `**` part).
+FORWARDED = (
+    "directory",
+    "labels",
+    "label_mode",
+    "class_names",
+    "batch_size",
+    "shuffle",
+    "seed",
+    "validation_split",
+    "subset",
+    "follow_links",
+    "verbose",
+    "num_workers",
+    "dataset_kwargs",
+)
 
 
 class FileDataset(LoaderDataset):
@@ -360,3 +377,38 @@ def from_directory(
     if not paths:
         raise ValueError(f"No {noun} found in directory {directory}. {allowed}")
     return build(paths, labels, shuffle)
+
+
+def forward(
+    arguments: Mapping[str, Any],
+    *,
+    formats: tuple[str, ...],
+    make_loader: Callable[[], Callable[..., Any]],
+    noun: str,
+    allowed: str,
+) -> Any:
+    """`from_directory` called with a public function's own arguments.
+
+    The one place where the `*_dataset_from_directory` functions hand their
+    shared parameters on, so that they are forwarded alike.
+
+    Args:
+        arguments: The calling function's `locals()` after its checks: the
+            names in `FORWARDED`, with the values they hold then (`labels`
+            and `label_mode` made `None` together, `num_workers` checked).
+        formats: The allow-listed extensions, as Keras's.
+        make_loader: Makes the batch loader of one dataset.
+        noun: What the files are, for Keras's "No {noun} found" message.
+        allowed: The end of that message, as Keras's.
+
+    Raises:
+        KeyError: If `arguments` lacks one of `FORWARDED` (a bug of the
+            caller, never of the user).
+    """
+    return from_directory(
+        **{name: arguments[name] for name in FORWARDED},
+        formats=formats,
+        make_loader=make_loader,
+        noun=noun,
+        allowed=allowed,
+    )

@@ -243,21 +243,9 @@ def image_dataset_from_directory(
         pad_to_aspect_ratio=bool(pad_to_aspect_ratio),
         augment=augment,
     )
-    return folder.from_directory(
-        directory,
-        labels,
-        label_mode,
-        class_names,
+    return folder.forward(
+        locals(),  # the checked arguments, by name: folder.FORWARDED
         formats=ALLOWLIST_FORMATS,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        validation_split=validation_split,
-        subset=subset,
-        follow_links=follow_links,
-        verbose=verbose,
-        num_workers=num_workers,
-        dataset_kwargs=dataset_kwargs,
         # Without augment, each image is decoded straight into its row of
         # the batch; with it, stack_samples gives each image its generator.
         make_loader=lambda: (
