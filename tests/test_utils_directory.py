@@ -69,6 +69,45 @@ def test_the_four_functions_run_without_importing_tensorflow_or_grain(
     assert "imported: []" in result.stdout
 
 
+LAZY_SCRIPT = """
+import sys
+import keras_oom
+import keras_oom.utils
+print("eager:", sorted(m for m in sys.modules if m.startswith("keras_oom.utils.")
+                       or m == "keras"))
+for name in ("image_dataset_from_directory", "text_dataset_from_directory",
+             "audio_dataset_from_directory", "timeseries_dataset_from_array"):
+    assert name in keras_oom.__all__ and name in dir(keras_oom), name
+    assert getattr(keras_oom, name) is getattr(keras_oom.utils, name), name
+    module = sys.modules[getattr(keras_oom, name).__module__]
+    assert module.__name__.startswith("keras_oom.utils."), module
+for package in (keras_oom, keras_oom.utils):
+    try:
+        package.no_such_name
+    except AttributeError as e:
+        print("error:", e)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_package_names_the_utils_functions_lazily(tmp_path):
+    """Kind lazy import: `keras_oom` and `keras_oom.utils` give the same functions.
+
+    Importing either package imports no module of `keras_oom.utils` nor
+    Keras (workers import the package); each function is imported on first
+    use, and an unknown name raises the AttributeError of any module.
+    """
+    result = _procs.run_script(tmp_path, LAZY_SCRIPT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eager: []" in result.stdout
+    assert "error: module 'keras_oom' has no attribute 'no_such_name'" in (
+        result.stdout
+    )
+    assert "error: module 'keras_oom.utils' has no attribute 'no_such_name'" in (
+        result.stdout
+    )
+
+
 @pytest.mark.parametrize(
     ("mode", "expected", "dtype"),
     [

@@ -20,8 +20,9 @@ and must not import the rest of this package.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from keras_oom import _import_lazily
 
 if TYPE_CHECKING:
     from keras_oom.utils.audio import audio_dataset_from_directory
@@ -52,12 +53,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_oom.utils' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return _import_lazily(__name__, _LAZY, name)
 
 
 def __dir__() -> list[str]:
