@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import subprocess
 import sys
 
@@ -10,7 +11,11 @@ import _procs
 import numpy as np
 import pytest
 
-from keras_oom.utils.directory import encode_labels
+from keras_oom.utils.directory import (
+    FileDataset,
+    PrefetchFileDataset,
+    encode_labels,
+)
 
 SCRIPT = """
 import os, sys, wave
@@ -131,3 +136,21 @@ def test_no_label_mode_means_no_labels():
 def test_out_of_range_label_is_all_zeros_when_categorical():
     """Kind labels: as keras.ops.one_hot, a label >= num_classes is all zeros."""
     np.testing.assert_array_equal(encode_labels([5], "categorical", 3), [[0, 0, 0]])
+
+
+@pytest.mark.parametrize("cls", [FileDataset, PrefetchFileDataset])
+def test_dataset_classes_document_keras_attributes(cls):
+    """Kind docs: each dataset class's help() text documents its own attributes.
+
+    The Attributes section is written once and added to both docstrings:
+    what `help()` shows must still be a complete Keras-style docstring.
+    """
+    doc = inspect.getdoc(cls)
+    summary, _, rest = doc.partition("\n\n")
+    assert summary.startswith(f"A `{cls.__mro__[1].__name__}` over files")
+    attributes = rest[rest.index("Attributes:\n") :].splitlines()
+    assert attributes[1].startswith("    class_names: The class names, in label order")
+    assert any(
+        line.startswith("    file_paths: The dataset's files") for line in attributes
+    )
+    assert set(cls.__annotations__) == {"class_names", "file_paths"}

@@ -15,14 +15,15 @@ Runs in the caller's process only (it imports Keras); what workers run is in
 
 from __future__ import annotations
 
-import numbers
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from keras_oom.checks import as_index
 from keras_oom.dataset import LoaderDataset
 from keras_oom.prefetch import PrefetchLoaderDataset
 from keras_oom.utils.file_io import Unbatched
@@ -46,7 +47,25 @@ FORWARDED = (
     "dataset_kwargs",
 )
 
+#: What both dataset classes hold beyond their base class, as Keras's datasets.
+_FILE_ATTRIBUTES = """Attributes:
+    class_names: The class names, in label order, or `None` without
+        labels (as Keras's dataset's `class_names`).
+    file_paths: The dataset's files, in Keras's order (as Keras's
+        dataset's `file_paths`).
+"""
 
+_Class = TypeVar("_Class", bound=type)
+
+
+def _with_file_attributes(cls: _Class) -> _Class:
+    """Ends `cls`'s docstring with `_FILE_ATTRIBUTES`, written once for both."""
+    if cls.__doc__ is not None:  # None under `python -OO`
+        cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\n" + _FILE_ATTRIBUTES
+    return cls
+
+
+@_with_file_attributes
 class FileDataset(LoaderDataset):
     """A `LoaderDataset` over files, with Keras's `class_names` and `file_paths`.
 
@@ -54,12 +73,6 @@ class FileDataset(LoaderDataset):
     process when it is read. It has no workers, but takes `with` and
     `close()` as `PrefetchFileDataset` does, so code written for one runs
     with the other.
-
-    Attributes:
-        class_names: The class names, in label order, or `None` without
-            labels (as Keras's dataset's `class_names`).
-        file_paths: The dataset's files, in Keras's order (as Keras's
-            dataset's `file_paths`).
     """
 
     class_names: list[str] | None
@@ -75,17 +88,12 @@ class FileDataset(LoaderDataset):
         self.close()
 
 
+@_with_file_attributes
 class PrefetchFileDataset(PrefetchLoaderDataset):
     """A `PrefetchLoaderDataset` over files, with `class_names` and `file_paths`.
 
     What `num_workers >= 1` (or `None`) returns: batches load ahead in worker
     processes. Close it (`with`, or `close()`) to end the workers.
-
-    Attributes:
-        class_names: The class names, in label order, or `None` without
-            labels (as Keras's dataset's `class_names`).
-        file_paths: The dataset's files, in Keras's order (as Keras's
-            dataset's `file_paths`).
     """
 
     class_names: list[str] | None
@@ -103,19 +111,7 @@ def default_num_workers() -> int:
 
 def check_num_workers(num_workers: Any) -> int | None:
     """Validates `num_workers`: `None` or an integer `>= 0`."""
-    if num_workers is None:
-        return None
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral):
-        raise TypeError(
-            "`num_workers` must be None or an integer >= 0. "
-            f"Received: num_workers={num_workers!r}"
-        )
-    if num_workers < 0:
-        raise ValueError(
-            "`num_workers` must be None or an integer >= 0. "
-            f"Received: num_workers={num_workers}"
-        )
-    return int(num_workers)
+    return _optional_index(num_workers, "num_workers", 0, "None or an integer >= 0")
 
 
 def check_label_mode(label_mode: Any) -> None:
@@ -159,18 +155,12 @@ def check_labels(
 
 def check_batch_size(batch_size: Any) -> None:
     """`batch_size` must be None or a positive integer."""
-    if batch_size is None:
-        return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(
-            "`batch_size` must be None or a positive integer. "
-            f"Received: batch_size={batch_size!r}"
-        )
-    if batch_size < 1:
-        raise ValueError(
-            "`batch_size` must be None or a positive integer. "
-            f"Received: batch_size={batch_size}"
-        )
+    _optional_index(batch_size, "batch_size", 1, "None or a positive integer")
+
+
+def _optional_index(value: Any, name: str, minimum: int, what: str) -> int | None:
+    """`None`, or `checks.as_index`: a TypeError or ValueError naming `name`."""
+    return None if value is None else as_index(value, name, minimum=minimum, what=what)
 
 
 def index_files(
