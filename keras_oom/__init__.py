@@ -18,6 +18,9 @@ worker processes, which import this package but never Keras, start quickly.
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from keras_oom.errors import (
@@ -63,22 +66,34 @@ _LAZY = {
     "SyncEpoch": "keras_oom.callbacks",
     "batch_array": "keras_oom.arrays",
     "stack_samples": "keras_oom.samples",
-    "image_dataset_from_directory": "keras_oom.utils.images",
-    "text_dataset_from_directory": "keras_oom.utils.text",
-    "audio_dataset_from_directory": "keras_oom.utils.audio",
-    "timeseries_dataset_from_array": "keras_oom.utils.timeseries",
+    # keras_oom.utils knows which of its modules defines each.
+    "image_dataset_from_directory": "keras_oom.utils",
+    "text_dataset_from_directory": "keras_oom.utils",
+    "audio_dataset_from_directory": "keras_oom.utils",
+    "timeseries_dataset_from_array": "keras_oom.utils",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_oom' has no attribute {name!r}")
-    import importlib
+def _import_lazily(package: str, table: Mapping[str, str], name: str) -> Any:
+    """A package's `__getattr__` (PEP 562): `name` imported on first use.
 
+    Shared by this package and `keras_oom.utils`. `table` maps each lazy
+    name to the module that defines it; the value is then stored in the
+    package, so the next access is a plain attribute.
+
+    Raises:
+        AttributeError: If `name` is not in `table`, as for any module.
+    """
+    module = table.get(name)
+    if module is None:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
+    setattr(sys.modules[package], name, value)
     return value
+
+
+def __getattr__(name: str) -> Any:
+    return _import_lazily(__name__, _LAZY, name)
 
 
 def __dir__() -> list[str]:

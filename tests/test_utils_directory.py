@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import subprocess
 import sys
 
@@ -10,7 +11,11 @@ import _procs
 import numpy as np
 import pytest
 
-from keras_oom.utils.directory import encode_labels
+from keras_oom.utils.directory import (
+    FileDataset,
+    PrefetchFileDataset,
+    encode_labels,
+)
 
 SCRIPT = """
 import os, sys, wave
@@ -69,6 +74,45 @@ def test_the_four_functions_run_without_importing_tensorflow_or_grain(
     assert "imported: []" in result.stdout
 
 
+LAZY_SCRIPT = """
+import sys
+import keras_oom
+import keras_oom.utils
+print("eager:", sorted(m for m in sys.modules if m.startswith("keras_oom.utils.")
+                       or m == "keras"))
+for name in ("image_dataset_from_directory", "text_dataset_from_directory",
+             "audio_dataset_from_directory", "timeseries_dataset_from_array"):
+    assert name in keras_oom.__all__ and name in dir(keras_oom), name
+    assert getattr(keras_oom, name) is getattr(keras_oom.utils, name), name
+    module = sys.modules[getattr(keras_oom, name).__module__]
+    assert module.__name__.startswith("keras_oom.utils."), module
+for package in (keras_oom, keras_oom.utils):
+    try:
+        package.no_such_name
+    except AttributeError as e:
+        print("error:", e)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_package_names_the_utils_functions_lazily(tmp_path):
+    """Kind lazy import: `keras_oom` and `keras_oom.utils` give the same functions.
+
+    Importing either package imports no module of `keras_oom.utils` nor
+    Keras (workers import the package); each function is imported on first
+    use, and an unknown name raises the AttributeError of any module.
+    """
+    result = _procs.run_script(tmp_path, LAZY_SCRIPT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eager: []" in result.stdout
+    assert "error: module 'keras_oom' has no attribute 'no_such_name'" in (
+        result.stdout
+    )
+    assert "error: module 'keras_oom.utils' has no attribute 'no_such_name'" in (
+        result.stdout
+    )
+
+
 @pytest.mark.parametrize(
     ("mode", "expected", "dtype"),
     [
@@ -92,3 +136,21 @@ def test_no_label_mode_means_no_labels():
 def test_out_of_range_label_is_all_zeros_when_categorical():
     """Kind labels: as keras.ops.one_hot, a label >= num_classes is all zeros."""
     np.testing.assert_array_equal(encode_labels([5], "categorical", 3), [[0, 0, 0]])
+
+
+@pytest.mark.parametrize("cls", [FileDataset, PrefetchFileDataset])
+def test_dataset_classes_document_keras_attributes(cls):
+    """Kind docs: each dataset class's help() text documents its own attributes.
+
+    The Attributes section is written once and added to both docstrings:
+    what `help()` shows must still be a complete Keras-style docstring.
+    """
+    doc = inspect.getdoc(cls)
+    summary, _, rest = doc.partition("\n\n")
+    assert summary.startswith(f"A `{cls.__mro__[1].__name__}` over files")
+    attributes = rest[rest.index("Attributes:\n") :].splitlines()
+    assert attributes[1].startswith("    class_names: The class names, in label order")
+    assert any(
+        line.startswith("    file_paths: The dataset's files") for line in attributes
+    )
+    assert set(cls.__annotations__) == {"class_names", "file_paths"}

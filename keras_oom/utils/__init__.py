@@ -3,8 +3,8 @@
 Each function takes the parameters, defaults and semantics of its Keras
 namesake and returns a keras-oom dataset:
 
-- `image_dataset_from_directory` (images.py; decoding and resizing in
-  image_io.py),
+- `image_dataset_from_directory` (images.py; what workers run in
+  image_readers.py, over image_decode.py and image_resize.py),
 - `text_dataset_from_directory` (text.py),
 - `audio_dataset_from_directory` (audio.py),
 - `timeseries_dataset_from_array` (timeseries.py).
@@ -14,14 +14,15 @@ and split; the dataset classes `FileDataset` and `PrefetchFileDataset`);
 `file_io.py` reads text and WAV files and defines `FileReadError`.
 
 Names are imported on first use: worker processes unpickle readers from
-`image_io.py` and `file_io.py`, which import neither Keras nor a backend,
+`image_readers.py` and `file_io.py`, which import neither Keras nor a backend,
 and must not import the rest of this package.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from keras_oom import _import_lazily
 
 if TYPE_CHECKING:
     from keras_oom.utils.audio import audio_dataset_from_directory
@@ -52,12 +53,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_oom.utils' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return _import_lazily(__name__, _LAZY, name)
 
 
 def __dir__() -> list[str]:

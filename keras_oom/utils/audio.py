@@ -148,21 +148,9 @@ def audio_dataset_from_directory(
     folder.check_batch_size(batch_size)
     num_workers = folder.check_num_workers(num_workers)
     loader = AudioLoader(output_sequence_length, bool(ragged), sampling_rate)
-    out = folder.from_directory(
-        directory,
-        labels,
-        label_mode,
-        class_names,
+    out = folder.forward(
+        locals(),  # the checked arguments, by name: folder.FORWARDED
         formats=ALLOWED_FORMATS,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        validation_split=validation_split,
-        subset=subset,
-        follow_links=follow_links,
-        verbose=verbose,
-        num_workers=num_workers,
-        dataset_kwargs=dataset_kwargs,
         make_loader=lambda: loader,
         noun="audio files",
         allowed=f"Allowed format(s): {ALLOWED_FORMATS}",

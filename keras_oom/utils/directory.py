@@ -10,26 +10,62 @@ over the files: a `LoaderDataset` for `num_workers=0`, a
 `file_paths` attributes.
 
 Runs in the caller's process only (it imports Keras); what workers run is in
-`image_io.py` and `file_io.py`.
+`image_readers.py` and `file_io.py`.
 """
 
 from __future__ import annotations
 
-import numbers
+import inspect
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
+from keras_oom.checks import as_index
 from keras_oom.dataset import LoaderDataset
 from keras_oom.prefetch import PrefetchLoaderDataset
 from keras_oom.utils.file_io import Unbatched
 
 LABEL_MODES = ("int", "categorical", "binary", None)
+#: The parameters every `*_dataset_from_directory` function forwards to
+#: `from_directory` as they are, by name (`dataset_kwargs`: its `**` part).
+FORWARDED = (
+    "directory",
+    "labels",
+    "label_mode",
+    "class_names",
+    "batch_size",
+    "shuffle",
+    "seed",
+    "validation_split",
+    "subset",
+    "follow_links",
+    "verbose",
+    "num_workers",
+    "dataset_kwargs",
+)
+
+#: What both dataset classes hold beyond their base class, as Keras's datasets.
+_FILE_ATTRIBUTES = """Attributes:
+    class_names: The class names, in label order, or `None` without
+        labels (as Keras's dataset's `class_names`).
+    file_paths: The dataset's files, in Keras's order (as Keras's
+        dataset's `file_paths`).
+"""
+
+_Class = TypeVar("_Class", bound=type)
 
 
+def _with_file_attributes(cls: _Class) -> _Class:
+    """Ends `cls`'s docstring with `_FILE_ATTRIBUTES`, written once for both."""
+    if cls.__doc__ is not None:  # None under `python -OO`
+        cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\n" + _FILE_ATTRIBUTES
+    return cls
+
+
+@_with_file_attributes
 class FileDataset(LoaderDataset):
     """A `LoaderDataset` over files, with Keras's `class_names` and `file_paths`.
 
@@ -37,12 +73,6 @@ class FileDataset(LoaderDataset):
     process when it is read. It has no workers, but takes `with` and
     `close()` as `PrefetchFileDataset` does, so code written for one runs
     with the other.
-
-    Attributes:
-        class_names: The class names, in label order, or `None` without
-            labels (as Keras's dataset's `class_names`).
-        file_paths: The dataset's files, in Keras's order (as Keras's
-            dataset's `file_paths`).
     """
 
     class_names: list[str] | None
@@ -58,17 +88,12 @@ class FileDataset(LoaderDataset):
         self.close()
 
 
+@_with_file_attributes
 class PrefetchFileDataset(PrefetchLoaderDataset):
     """A `PrefetchLoaderDataset` over files, with `class_names` and `file_paths`.
 
     What `num_workers >= 1` (or `None`) returns: batches load ahead in worker
     processes. Close it (`with`, or `close()`) to end the workers.
-
-    Attributes:
-        class_names: The class names, in label order, or `None` without
-            labels (as Keras's dataset's `class_names`).
-        file_paths: The dataset's files, in Keras's order (as Keras's
-            dataset's `file_paths`).
     """
 
     class_names: list[str] | None
@@ -86,19 +111,7 @@ def default_num_workers() -> int:
 
 def check_num_workers(num_workers: Any) -> int | None:
     """Validates `num_workers`: `None` or an integer `>= 0`."""
-    if num_workers is None:
-        return None
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral):
-        raise TypeError(
-            "`num_workers` must be None or an integer >= 0. "
-            f"Received: num_workers={num_workers!r}"
-        )
-    if num_workers < 0:
-        raise ValueError(
-            "`num_workers` must be None or an integer >= 0. "
-            f"Received: num_workers={num_workers}"
-        )
-    return int(num_workers)
+    return _optional_index(num_workers, "num_workers", 0, "None or an integer >= 0")
 
 
 def check_label_mode(label_mode: Any) -> None:
@@ -142,18 +155,12 @@ def check_labels(
 
 def check_batch_size(batch_size: Any) -> None:
     """`batch_size` must be None or a positive integer."""
-    if batch_size is None:
-        return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(
-            "`batch_size` must be None or a positive integer. "
-            f"Received: batch_size={batch_size!r}"
-        )
-    if batch_size < 1:
-        raise ValueError(
-            "`batch_size` must be None or a positive integer. "
-            f"Received: batch_size={batch_size}"
-        )
+    _optional_index(batch_size, "batch_size", 1, "None or a positive integer")
+
+
+def _optional_index(value: Any, name: str, minimum: int, what: str) -> int | None:
+    """`None`, or `checks.as_index`: a TypeError or ValueError naming `name`."""
+    return None if value is None else as_index(value, name, minimum=minimum, what=what)
 
 
 def index_files(
@@ -360,3 +367,38 @@ def from_directory(
     if not paths:
         raise ValueError(f"No {noun} found in directory {directory}. {allowed}")
     return build(paths, labels, shuffle)
+
+
+def forward(
+    arguments: Mapping[str, Any],
+    *,
+    formats: tuple[str, ...],
+    make_loader: Callable[[], Callable[..., Any]],
+    noun: str,
+    allowed: str,
+) -> Any:
+    """`from_directory` called with a public function's own arguments.
+
+    The one place where the `*_dataset_from_directory` functions hand their
+    shared parameters on, so that they are forwarded alike.
+
+    Args:
+        arguments: The calling function's `locals()` after its checks: the
+            names in `FORWARDED`, with the values they hold then (`labels`
+            and `label_mode` made `None` together, `num_workers` checked).
+        formats: The allow-listed extensions, as Keras's.
+        make_loader: Makes the batch loader of one dataset.
+        noun: What the files are, for Keras's "No {noun} found" message.
+        allowed: The end of that message, as Keras's.
+
+    Raises:
+        KeyError: If `arguments` lacks one of `FORWARDED` (a bug of the
+            caller, never of the user).
+    """
+    return from_directory(
+        **{name: arguments[name] for name in FORWARDED},
+        formats=formats,
+        make_loader=make_loader,
+        noun=noun,
+        allowed=allowed,
+    )

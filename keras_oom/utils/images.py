@@ -10,13 +10,9 @@ import numpy as np
 from keras_oom.samples import stack_samples
 from keras_oom.utils import directory as folder
 from keras_oom.utils.directory import FileDataset, PrefetchFileDataset
-from keras_oom.utils.image_io import (
-    INTERPOLATIONS,
-    TF_ONLY_INTERPOLATIONS,
-    ImageBatchReader,
-    ImageReader,
-    check_extra,
-)
+from keras_oom.utils.image_decode import check_extra
+from keras_oom.utils.image_readers import ImageBatchReader, ImageReader
+from keras_oom.utils.image_resize import INTERPOLATIONS, TF_ONLY_INTERPOLATIONS
 
 #: Keras's allow-listed image extensions (keras.src.utils.image_dataset_utils).
 ALLOWLIST_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -247,21 +243,9 @@ def image_dataset_from_directory(
         pad_to_aspect_ratio=bool(pad_to_aspect_ratio),
         augment=augment,
     )
-    return folder.from_directory(
-        directory,
-        labels,
-        label_mode,
-        class_names,
+    return folder.forward(
+        locals(),  # the checked arguments, by name: folder.FORWARDED
         formats=ALLOWLIST_FORMATS,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        validation_split=validation_split,
-        subset=subset,
-        follow_links=follow_links,
-        verbose=verbose,
-        num_workers=num_workers,
-        dataset_kwargs=dataset_kwargs,
         # Without augment, each image is decoded straight into its row of
         # the batch; with it, stack_samples gives each image its generator.
         make_loader=lambda: (

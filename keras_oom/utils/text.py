@@ -122,21 +122,9 @@ def text_dataset_from_directory(
             f"Received: max_length={max_length!r}"
         )
     loader = TextLoader(max_length)
-    return folder.from_directory(
-        directory,
-        labels,
-        label_mode,
-        class_names,
+    return folder.forward(
+        locals(),  # the checked arguments, by name: folder.FORWARDED
         formats=(".txt",),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        validation_split=validation_split,
-        subset=subset,
-        follow_links=follow_links,
-        verbose=verbose,
-        num_workers=num_workers,
-        dataset_kwargs=dataset_kwargs,
         make_loader=lambda: loader,
         noun="text files",
         allowed="Allowed format: .txt",

@@ -154,12 +154,7 @@ def _check_arguments(
                 "`start_index` must be 0 or greater. Received: "
                 f"start_index={start_index}"
             )
-        if start_index >= len(data):
-            raise ValueError(
-                "`start_index` must be lower than the length of the "
-                f"data. Received: start_index={start_index}, for data "
-                f"of length {len(data)}"
-            )
+        _check_below_length("start_index", start_index, data)
     if end_index:
         if start_index and end_index <= start_index:
             raise ValueError(
@@ -167,35 +162,25 @@ def _check_arguments(
                 f"Received: start_index={start_index}, and "
                 f"end_index={end_index} "
             )
-        if end_index >= len(data):
-            raise ValueError(
-                "`end_index` must be lower than the length of the "
-                f"data. Received: end_index={end_index}, for data of "
-                f"length {len(data)}"
-            )
+        _check_below_length("end_index", end_index, data)
         if end_index <= 0:
             raise ValueError(
                 f"`end_index` must be higher than 0. Received: end_index={end_index}"
             )
-    if sampling_rate <= 0:
+    for name, value in (
+        ("sampling_rate", sampling_rate),
+        ("sequence_stride", sequence_stride),
+    ):
+        if value <= 0:
+            raise ValueError(
+                f"`{name}` must be higher than 0. Received: {name}={value}"
+            )
+        _check_below_length(name, value, data)
+
+
+def _check_below_length(name: str, value: int, data: Any) -> None:
+    if value >= len(data):
         raise ValueError(
-            "`sampling_rate` must be higher than 0. Received: "
-            f"sampling_rate={sampling_rate}"
-        )
-    if sampling_rate >= len(data):
-        raise ValueError(
-            "`sampling_rate` must be lower than the length of the "
-            f"data. Received: sampling_rate={sampling_rate}, for data "
-            f"of length {len(data)}"
-        )
-    if sequence_stride <= 0:
-        raise ValueError(
-            "`sequence_stride` must be higher than 0. Received: "
-            f"sequence_stride={sequence_stride}"
-        )
-    if sequence_stride >= len(data):
-        raise ValueError(
-            "`sequence_stride` must be lower than the length of the "
-            f"data. Received: sequence_stride={sequence_stride}, for "
-            f"data of length {len(data)}"
+            f"`{name}` must be lower than the length of the data. "
+            f"Received: {name}={value}, for data of length {len(data)}"
         )
