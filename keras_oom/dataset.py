@@ -78,14 +78,15 @@ class LoaderDataset(keras.utils.PyDataset):
             passed unchanged to `keras.utils.PyDataset`.
 
     Raises:
-        TypeError: If `loader` is not callable (or is missing without a
-            `load` override), or `batch_size` or `rows_per_id` is not an integer.
+        TypeError: If `loader` is not callable (or missing without a `load`
+            override), or `batch_size`, `seed` or `rows_per_id` is not an
+            integer.
         ValueError: If `sample_ids` is empty or not 1-D, `labels` or
-            `sample_weights` differ in length from `sample_ids`,
-            `sample_weights` come without `labels`, `batch_size` is below 1
-            (or leaves no batch with `drop_remainder=True`), `shard` is out
-            of range, a shuffled sharded dataset has no `seed`, or
-            `rows_per_id` is below 1 (or `None` with `labels`).
+            `sample_weights` differ in length from it, `sample_weights` come
+            without `labels`, `batch_size` is below 1 (or leaves no batch
+            with `drop_remainder=True`), `shard` is out of range, a shuffled
+            sharded dataset has no `seed`, or `rows_per_id` is below 1 (or
+            `None` with `labels`).
 
     Example:
 
@@ -200,11 +201,10 @@ class LoaderDataset(keras.utils.PyDataset):
         """
         if not self._passes.end():
             return
-        per_epoch = self._plan.batches_per_epoch
         ended_at = self._passes.ended_at
         if self._passes.new_fit and ended_at is not None:
             # The epoch after the last one training read from.
-            self._epoch += (self._start + ended_at) // per_epoch + 1
+            self._epoch += (self._start + ended_at) // self.batches_per_epoch + 1
             self._start = 0
         elif not self._repeat:
             self._epoch += 1
@@ -243,10 +243,9 @@ class LoaderDataset(keras.utils.PyDataset):
     def set_epoch(self, epoch: int, batch: int = 0) -> None:
         """Sets the epoch whose sample order the batches follow.
 
-        With `batch`, index 0 reads batch `batch` of `epoch`, and the
-        indices after it the batches after it, into the next epoch
-        (`keras_oom.indexing.locate`). `SyncEpoch` uses it to resume a run
-        in the middle of a pass (a `steps_per_epoch` shorter than one).
+        Index 0 then reads batch `batch` of `epoch`, and the indices after it
+        the batches after it, into the next epoch (`indexing.locate`):
+        `SyncEpoch` resumes a run in the middle of a pass this way.
 
         Args:
             epoch: Non-negative epoch number, e.g. to resume a run.
@@ -257,8 +256,7 @@ class LoaderDataset(keras.utils.PyDataset):
             TypeError: If `epoch` or `batch` is not an integer.
             ValueError: If `epoch` is negative or `batch` out of range.
         """
-        per_epoch = self._plan.batches_per_epoch
-        self._epoch, self._start = as_position(epoch, batch, per_epoch)
+        self._epoch, self._start = as_position(epoch, batch, self.batches_per_epoch)
         self._passes.reset()
 
     @property

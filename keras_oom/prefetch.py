@@ -90,11 +90,10 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             (`keras_oom.executor.Executor`). Each dataset, and each copy of
             one, starts a copy of it at first use. `None` (the default): the
             local pool of worker processes (`start_method` applies to it only).
-        *args, **kwargs: Every other argument of `LoaderDataset`, by
-            position (`loader`, `sample_ids`, `labels`) or by name
-            (`sample_weights`, `batch_size`, `shuffle`, `seed`,
-            `drop_remainder`, `repeat`, `shard`, `shard_mode`,
-            `rows_per_id`).
+        *args, **kwargs: Every other argument of `LoaderDataset`, by position
+            (`loader`, `sample_ids`, `labels`) or by name (`sample_weights`,
+            `batch_size`, `shuffle`, `seed`, `drop_remainder`, `repeat`,
+            `shard`, `shard_mode`, `rows_per_id`).
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
@@ -102,9 +101,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             an `executor` that is not an `Executor`.
         ValueError: For a bad argument value, as for `LoaderDataset`, or for
             `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, a
-            `start_method` given with an `executor`, or
-            Keras's own `workers` / `use_multiprocessing` /
-            `max_queue_size` (the pool replaces them).
+            `start_method` given with an `executor`, or Keras's own `workers`
+            / `use_multiprocessing` / `max_queue_size` (the pool replaces them).
 
     Example:
 
@@ -184,9 +182,9 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         Raises:
             IndexError: If `index` is out of range.
             DatasetClosedError: If the dataset was closed.
-            WorkerDiedError: If the worker loading the batch died.
-            WorkerTimeoutError: If the batch took longer than `timeout`.
-            WorkerStartError: If workers could not be started.
+            WorkerDiedError, WorkerTimeoutError, WorkerStartError: If the
+                batch's worker died or took longer than `timeout`, or workers
+                could not be started.
             ValueError: If the dataset attaches labels and an array of the
                 loader's output does not have `len(ids) * rows_per_id` rows.
             TypeError: If loader state changed since the last epoch and
@@ -297,8 +295,7 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     def stats(self) -> dict[str, Any]:
         """Reports whether training waits for data, why, and what to do.
 
-        Answers at once, also from another thread while a read waits for a
-        slow batch: it never takes the lock that reads hold.
+        Answers at once, also from another thread while a read waits.
 
         Returns:
             A dict: totals since the workers started (`batches` delivered,
