@@ -1,5 +1,6 @@
-"""Argument checks: one integer check, one for seconds, and the checks of
-how `PrefetchLoaderDataset`'s workers start.
+"""Argument checks: one integer check, one for seconds, the checks of the
+dataset classes' own arguments (the loader, `set_epoch`'s position,
+`num_workers`) and of how `PrefetchLoaderDataset`'s workers start.
 
 Each raises an error that names the parameter and the value received, as
 Keras's own checks do. This module runs in workers too: it imports neither
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import warnings
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,71 @@ def as_seconds(value: Any, name: str) -> float | None:
     if not seconds > 0:  # also NaN
         raise ValueError(f"`{name}` must be positive. Received: {name}={value}")
     return None if seconds == float("inf") else seconds
+
+
+def check_loader(loader: Any, load_overridden: bool) -> None:
+    """Checks `LoaderDataset`'s `loader`: callable, or None with a `load` override.
+
+    Raises:
+        TypeError: If `loader` is not callable, or is None while the class
+            does not override `load`.
+    """
+    if loader is None:
+        if not load_overridden:
+            raise TypeError(
+                "`loader` is required unless a subclass overrides "
+                "`load(self, ids)`. Received: loader=None"
+            )
+    elif not callable(loader):
+        raise TypeError(
+            f"`loader` must be callable, as loader(ids) -> x. "
+            f"Received: loader={loader!r} of type {type(loader).__name__}"
+        )
+
+
+def as_position(epoch: Any, batch: Any, per_epoch: int) -> tuple[int, int]:
+    """`set_epoch`'s `(epoch, batch)`, checked: a place in the stream of batches.
+
+    Returns:
+        `(epoch, batch)` as ints.
+
+    Raises:
+        TypeError: If `epoch` or `batch` is not an integer.
+        ValueError: If `epoch` is negative or `batch` not in `range(per_epoch)`.
+    """
+    epoch = as_index(epoch, "epoch")
+    if epoch < 0:
+        raise ValueError(f"`epoch` must be >= 0. Received: epoch={epoch}")
+    batch = as_index(batch, "batch")
+    if not 0 <= batch < per_epoch:
+        raise ValueError(
+            f"`batch` must be in range({per_epoch}), the batches of one "
+            f"epoch. Received: batch={batch}"
+        )
+    return epoch, batch
+
+
+def as_num_workers(num_workers: Any, per_epoch: int) -> int:
+    """`num_workers`, reduced with a warning to the batches of one epoch.
+
+    More workers than batches per epoch would hold no batch of their own.
+
+    Raises:
+        TypeError: If `num_workers` is not an integer.
+        ValueError: If `num_workers` is below 1.
+    """
+    num_workers = as_index(
+        num_workers, "num_workers", minimum=1, what="a positive integer"
+    )
+    if num_workers > per_epoch:
+        warnings.warn(
+            f"num_workers reduced from {num_workers} to {per_epoch}: there "
+            f"are only {per_epoch} batches per epoch.",
+            UserWarning,
+            stacklevel=3,  # the dataset's constructor's caller
+        )
+        return per_epoch
+    return num_workers
 
 
 def refuse_keras_parallelism(kwargs: dict[str, Any]) -> None:

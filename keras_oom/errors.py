@@ -8,6 +8,7 @@ it explains.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from keras_oom.protocol import add_note
@@ -68,6 +69,32 @@ class WorkerStartError(RuntimeError):
 
 class DatasetClosedError(RuntimeError):
     """The dataset was used after `close()` ended its workers."""
+
+
+def unusable_error(owner_pid: int, closed: bool) -> RuntimeError | None:
+    """Why a `PrefetchLoaderDataset` cannot serve reads here, or None.
+
+    Args:
+        owner_pid: The process that made the dataset (its workers serve
+            only that process; a fork inherits the dataset, not them).
+        closed: Whether `close()` ended its workers.
+
+    Returns:
+        A `RuntimeError` for a fork of the owner, a `DatasetClosedError`
+        after `close()`, or None when the dataset can serve.
+    """
+    if os.getpid() != owner_pid:
+        return RuntimeError(
+            f"This PrefetchLoaderDataset belongs to process {owner_pid}; "
+            f"this is process {os.getpid()}, a fork of it. Its workers "
+            f"serve only their owner: build a new dataset in this process."
+        )
+    if closed:
+        return DatasetClosedError(
+            "This PrefetchLoaderDataset was closed: its worker processes "
+            "are gone. Build a new dataset to load more batches."
+        )
+    return None
 
 
 def describe_exit(exitcode: int | None) -> str:

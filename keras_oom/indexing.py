@@ -13,6 +13,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from keras_oom.checks import as_index
+
 # The shard arithmetic is sharding.py's; importable from here, as it was.
 from keras_oom.sharding import SHARD_MODES, shard_positions, shard_size
 
@@ -20,6 +22,7 @@ __all__ = [
     "SHARD_MODES",
     "BatchPlan",
     "epoch_permutation",
+    "locate",
     "shard_positions",
     "shard_size",
 ]
@@ -140,3 +143,41 @@ class BatchPlan:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def locate(
+    index: object, epoch: int, start: int, per_epoch: int, repeat: bool
+) -> tuple[int, int]:
+    """Turns a dataset index into the `(epoch, batch)` it reads.
+
+    Index 0 reads batch `start` of `epoch`, and index `i` stream position
+    `epoch * per_epoch + start + i`, where position `g` is batch
+    `g % per_epoch` of epoch `g // per_epoch`.
+
+    Args:
+        index: The index the caller gave (`ds[index]`); negative counts
+            from the end of the epoch, unless `repeat`.
+        epoch: The epoch index 0 reads from (`ds.epoch`).
+        start: The batch of `epoch` that index 0 reads.
+        per_epoch: Batches per epoch.
+        repeat: Whether the dataset is endless (any index `>= 0` is valid).
+
+    Returns:
+        `(epoch, batch)`, with `batch` in `range(per_epoch)`.
+
+    Raises:
+        TypeError: If `index` is not an integer.
+        IndexError: If `index` is out of range.
+    """
+    i = as_index(index, "index")
+    if repeat:
+        if i < 0:
+            raise IndexError(f"Negative index {i} on an endless (repeat=True) dataset.")
+    elif not -per_epoch <= i < per_epoch:
+        raise IndexError(
+            f"Batch index {i} out of range for {per_epoch} batches per epoch."
+        )
+    else:
+        i %= per_epoch
+    ahead, batch = divmod(start + i, per_epoch)
+    return epoch + ahead, batch

@@ -10,29 +10,26 @@ to a worker and back), over an executor: the local process pool
 from __future__ import annotations
 
 import copy
-import os
 import threading
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from keras_oom import stats as stats_module
 from keras_oom.checks import (
-    as_index,
+    as_num_workers,
     as_seconds,
     check_worker_args,
     refuse_keras_parallelism,
 )
 from keras_oom.dataset import LoaderDataset
 from keras_oom.engine import Prefetcher
-from keras_oom.errors import DatasetClosedError, for_batch
+from keras_oom.errors import for_batch, unusable_error
 from keras_oom.executor import Executor
 from keras_oom.launch import default_start_method, pickle_setup
 from keras_oom.per_process import Owner, PerProcess
 from keras_oom.process_pool import ProcessPool
 from keras_oom.protocol import (
-    Outcome,
     WorkerSetup,
     deferred_interrupts,
     describe_ids,
@@ -46,29 +43,22 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
 
     `num_workers` processes start at the dataset's first use (the first
     read, `with`, `set_epoch`, `worker_pids` or `stats()`) and serve every
-    epoch until `close()`.
-    Each loads one batch at a time; together they keep the next
-    `num_workers` batches of the expected order in flight, across epoch
-    boundaries too, so a `fit` loop that reads batches in order finds them
-    ready. Every index yields exactly the batch that `LoaderDataset` would,
-    in any request order and for any `num_workers`.
+    epoch until `close()`. Each loads one batch at a time; together they
+    keep the next `num_workers` batches of the expected order in flight,
+    across epoch boundaries too. Every index yields exactly the batch that
+    `LoaderDataset` would, in any request order and for any `num_workers`.
 
-    Read batches in order to benefit: call `fit(ds, shuffle=False)` and let
-    the dataset shuffle the samples (`shuffle=True`, a better shuffle than
-    Keras's batch-order shuffle), or use `repeat=True` with
+    Read batches in order to benefit: `fit(ds, shuffle=False)` with the
+    dataset's own `shuffle=True`, or `repeat=True` with
     `steps_per_epoch=ds.batches_per_epoch`. Random access still returns the
-    right batch, only without the head start; the dataset warns once when it
-    sees it.
+    right batch, without the head start (the dataset warns once).
 
-    State that the loader reads and that changes between epochs (a
-    subclass's own attributes set in `on_epoch_end`, a loader object's
-    attributes, a loader function's closure variables) reaches the workers
-    before they load the next epoch's batches, as it would reach
-    `LoaderDataset`'s loader; batches loaded ahead with the old state are
-    loaded again (see `keras_oom.state`).
-
-    Close the dataset to end its workers: use it in a `with` block, or call
-    `close()`. Dropping the last reference and interpreter exit close it too.
+    Loader state that changes between epochs (a subclass's attributes set
+    in `on_epoch_end`, a loader object's attributes, a closure's variables)
+    reaches the workers before they load the next epoch's batches
+    (`keras_oom.state`). Close the dataset to end its workers: a `with`
+    block or `close()`; dropping the last reference and interpreter exit
+    close it too. The full reference is docs/api.md and docs/pool.md.
 
     Args:
         loader: As for `LoaderDataset`. It must pickle with `cloudpickle`
@@ -85,28 +75,25 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             `float("inf")`) to wait without limit.
         start_method: How to start workers: `"fork"`, `"subprocess"` (a fresh
             interpreter), `"spawn"` or `"forkserver"`. `None` forks while that
-            is safe and starts fresh interpreters once it is not: JAX,
-            TensorFlow or CUDA started, another Python thread running, or a
-            native thread pool that does not survive a fork (GNU OpenMP's,
-            as torch and scikit-learn use; OpenBLAS's is safe), as the OS
-            lists the process's threads; see docs/pool.md. An explicit
-            `"fork"` forks anyway and warns, naming what it found.
+            is safe and starts fresh interpreters once it is not (JAX,
+            TensorFlow or CUDA started, another thread running, or a native
+            thread pool that does not survive a fork: docs/pool.md). An
+            explicit `"fork"` forks anyway and warns, naming what it found.
         worker_init: Optional callable run once in each worker process, as
             `worker_init(index)` with the worker's index in
-            `range(num_workers)`, before its first batch (a replacement takes
-            the index of the worker it replaces): the place to open a
-            database connection or a file that cannot be pickled. If it
-            raises, the next read raises that exception, with the worker's
-            traceback in its notes, and the dataset stops starting workers.
+            `range(num_workers)` (a replacement takes the index of the one it
+            replaces), before its first batch: the place to open a database
+            connection or a file that cannot be pickled. If it raises, the
+            next read raises that exception, with the worker's traceback in
+            its notes, and the dataset stops starting workers.
         executor: What runs the workers: an unstarted executor
             (`keras_oom.executor.Executor`). Each dataset, and each copy of
             one, starts a copy of it at first use. `None` (the default): the
             local pool of worker processes (`start_method` applies to it only).
-        *args, **kwargs: Every other argument of `LoaderDataset`, by
-            position (`loader`, `sample_ids`, `labels`) or by name
-            (`sample_weights`, `batch_size`, `shuffle`, `seed`,
-            `drop_remainder`, `repeat`, `shard`, `shard_mode`,
-            `rows_per_id`).
+        *args, **kwargs: Every other argument of `LoaderDataset`, by position
+            (`loader`, `sample_ids`, `labels`) or by name (`sample_weights`,
+            `batch_size`, `shuffle`, `seed`, `drop_remainder`, `repeat`,
+            `shard`, `shard_mode`, `rows_per_id`).
 
     Raises:
         TypeError: For a bad argument type, as for `LoaderDataset`, or for
@@ -114,9 +101,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             an `executor` that is not an `Executor`.
         ValueError: For a bad argument value, as for `LoaderDataset`, or for
             `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, a
-            `start_method` given with an `executor`, or
-            Keras's own `workers` / `use_multiprocessing` /
-            `max_queue_size` (the pool replaces them).
+            `start_method` given with an `executor`, or Keras's own `workers`
+            / `use_multiprocessing` / `max_queue_size` (the pool replaces them).
 
     Example:
 
@@ -145,24 +131,12 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         refuse_keras_parallelism(kwargs)
         # Keras must not stack its own thread or process pool on ours.
         super().__init__(*args, workers=1, use_multiprocessing=False, **kwargs)
-        num_workers = as_index(
-            num_workers, "num_workers", minimum=1, what="a positive integer"
-        )
+        self._num_workers = as_num_workers(num_workers, self._plan.batches_per_epoch)
         self._timeout = as_seconds(timeout, "timeout")
         check_worker_args(start_method, worker_init, executor)
         self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
-        per_epoch = self._plan.batches_per_epoch
-        if num_workers > per_epoch:
-            warnings.warn(
-                f"num_workers reduced from {num_workers} to {per_epoch}: there "
-                f"are only {per_epoch} batches per epoch.",
-                UserWarning,
-                stacklevel=2,
-            )
-            num_workers = per_epoch
-        self._num_workers = num_workers
         if (
             executor is None
             and not self._load_overridden()
@@ -175,10 +149,7 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         self._internal = frozenset(vars(self)) - before | {"_internal"}
 
     def _init_runtime(self) -> None:
-        """The per-process state: no engine until the dataset is first used.
-
-        Never copied: a copy builds its own (per_process.PerProcess).
-        """
+        """The per-process state, never copied (per_process.PerProcess)."""
         self._lock = threading.RLock()
         self._owner = Owner()
         self._engine: Prefetcher | None = None
@@ -211,9 +182,9 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         Raises:
             IndexError: If `index` is out of range.
             DatasetClosedError: If the dataset was closed.
-            WorkerDiedError: If the worker loading the batch died.
-            WorkerTimeoutError: If the batch took longer than `timeout`.
-            WorkerStartError: If workers could not be started.
+            WorkerDiedError, WorkerTimeoutError, WorkerStartError: If the
+                batch's worker died or took longer than `timeout`, or workers
+                could not be started.
             ValueError: If the dataset attaches labels and an array of the
                 loader's output does not have `len(ids) * rows_per_id` rows.
             TypeError: If loader state changed since the last epoch and
@@ -221,11 +192,10 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             RuntimeError: If called in a forked child of the owning process,
                 or standing in for a loader's exception that cannot be
                 rebuilt in this process (its message names it).
-            BaseException: Whatever the loader raised, of any class
-                (`KeyboardInterrupt` and `SystemExit` included, as
-                `LoaderDataset` raises them), with the worker's traceback in
-                its notes and as its cause; whatever pickling the batch's ids
-                or unpickling its result raised. The next read is unaffected.
+            BaseException: Whatever the loader raised, of any class (as
+                `LoaderDataset` raises it), with the worker's traceback in its
+                notes and as its cause; whatever pickling the batch's ids or
+                unpickling its result raised. The next read is unaffected.
         """
         with self._lock:
             engine = self._ensure_started()
@@ -234,7 +204,9 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             self._passes.read(self._global_index(epoch, batch))
             outcome = engine.get((epoch, batch))
         if outcome.error is not None:
-            self._raise(outcome, epoch, batch)
+            ids = describe_ids(self._source.ids(epoch, batch))
+            i = self._global_index(epoch, batch)
+            raise for_batch(outcome.error, i, ids, outcome.pid)
         self._check_rows(outcome.value, epoch, batch)
         return self._source.with_targets(outcome.value, epoch, batch)
 
@@ -262,10 +234,9 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     def _moved(self, start_before: int) -> None:
         """Index 0 names another batch now: load ahead from there.
 
-        A subclass's `load` may read `self.epoch`, which workers set per
-        batch to what it will be when the batch is read (`_position_state`):
-        right for every batch loaded ahead unless `_start` changed, or, with
-        `repeat=True`, `epoch` did.
+        Batches a subclass's `load` loaded ahead saw `self.epoch` as it
+        would be when read (`_position_state`): wrong now if `_start`
+        changed, or, with `repeat=True`, `epoch` did.
         """
         engine = self._engine
         if engine is None:
@@ -285,7 +256,7 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         reports the final numbers.
         """
         if self._owner.here() and self._engine is not None:
-            self._final_stats = self._stats_now(self._engine)
+            self._final_stats = self._report(self._engine)
         # Workers first, without the lock: a thread waiting in ds[i] for a
         # stuck loader holds it, and wakes up (DatasetClosedError) when the
         # pool closes.
@@ -324,30 +295,21 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     def stats(self) -> dict[str, Any]:
         """Reports whether training waits for data, why, and what to do.
 
-        Answers at once, also from another thread while a read waits for a
-        slow batch: it never takes the lock that reads hold.
+        Answers at once, also from another thread while a read waits.
 
         Returns:
-            A dict. Totals since the workers started: `batches` (delivered),
-            `hits` (of those, how many were already loaded when requested),
-            `discarded` (loaded ahead but never used), `out_of_order` (reads
-            that were not the next batch), `wait_seconds` (time the caller
-            spent in `ds[i]`), `load_seconds` (loader time of the delivered
-            batches), `elapsed_seconds` and `startup_seconds` (until the
-            first batch was delivered). Shares in [0, 1] of the time since
-            the first batch, the steady state: `wait_share` (the caller
-            waiting), `worker_busy_share` (the workers loading),
-            `cpu_share` (the cores this process and the workers used) and
-            `machine_cpu_share` (the cores every process on the machine
-            used, from /proc/stat; `None` where unknown). Then `cores`,
-            `workers` (per worker: `index`, `pid`, `batches`,
-            `busy_seconds`, `cpu_seconds`, `utilization`), `verdict` (one
-            of `"no-data"`, `"out-of-order"`, `"model-bound"`,
-            `"balanced"`, `"loader-too-cheap"`, `"transfer-bound"`,
-            `"machine-saturated"`, `"more-workers"`) and `diagnosis`, one
-            sentence with the numbers behind the verdict and the next step
-            (see docs/performance.md, "Reading stats()"). After `close()`,
-            the final numbers.
+            A dict: totals since the workers started (`batches` delivered,
+            `hits` among them, `discarded`, `out_of_order`, `wait_seconds`,
+            `load_seconds`, `elapsed_seconds`, `startup_seconds`); shares
+            in [0, 1] of the time since the first batch (`wait_share`,
+            `worker_busy_share`, `worker_io_wait_share`, `cpu_share`,
+            `machine_cpu_share`, the last two `None` where unknown);
+            `cores`; `workers` (per worker: `index`, `pid`, `batches`,
+            `busy_seconds`, `cpu_seconds`, `utilization`); a `verdict` (one
+            of `stats.VERDICTS`) and a `diagnosis`, one sentence with the
+            numbers behind it and the next step. docs/api.md describes each
+            key, docs/performance.md each verdict. After `close()`, the
+            final numbers.
 
         Example:
 
@@ -364,56 +326,43 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         ```
         """
         engine = self._engine
-        if engine is None:
-            if self._final_stats is not None:
-                return copy.deepcopy(self._final_stats)
-            if self._closed:  # closed before it was ever used
-                return stats_module.empty_report(self._reads)
-            # First use starts the workers, unless a read is starting them
-            # now: then there is nothing to report yet, and no waiting.
-            if not self._lock.acquire(blocking=False):
-                return stats_module.empty_report(self._reads)
+        # First use starts the workers, unless a read is starting them now
+        # (it holds the lock): then there is nothing to report, no waiting.
+        fresh = engine is None and self._final_stats is None and not self._closed
+        if fresh and self._lock.acquire(blocking=False):
             try:
                 engine = self._ensure_started()
             finally:
                 self._lock.release()
-        return self._stats_now(engine)
+        return self._report(engine)
 
-    def _stats_now(self, engine: Prefetcher) -> dict[str, Any]:
-        return stats_module.report(
-            self._reads,
-            engine.executor,
-            num_workers=self._num_workers,
-            discarded=engine.discarded,
+    def _report(self, engine: Prefetcher | None) -> dict[str, Any]:
+        return stats_module.dataset_report(
+            self._reads, engine, num_workers=self._num_workers, final=self._final_stats
         )
 
     # -- scheduling -----------------------------------------------------------
 
     def _ensure_started(self) -> Prefetcher:
         """The engine, started at first use; raises if it cannot serve."""
-        if not self._owner.here():
-            raise RuntimeError(
-                f"This PrefetchLoaderDataset belongs to process {self._owner.pid}; "
-                f"this is process {os.getpid()}, a fork of it. Its workers "
-                f"serve only their owner: build a new dataset in this process."
-            )
-        if self._closed:
-            raise DatasetClosedError(
-                "This PrefetchLoaderDataset was closed: its worker processes "
-                "are gone. Build a new dataset to load more batches."
-            )
+        error = unusable_error(self._owner.pid, self._closed)
+        if error is not None:
+            raise error
         if self._engine is not None:
             self._engine.executor.raise_if_broken()  # at once, even if kept
             return self._engine
-        state = self._track_state()
-        executor = self._new_executor()
+        executor = (
+            copy.deepcopy(self._executor)  # each dataset starts its own copy
+            if self._executor is not None
+            else ProcessPool(self._start_method)
+        )
         engine = Prefetcher(
             executor,
             self._source,
             num_workers=self._num_workers,
             batches_per_epoch=self._plan.batches_per_epoch,
             reads=self._reads,
-            state=state,
+            state=self._track_state(),
             position_state=self._position_state,
         )
         # Deferred: a Ctrl-C here must leave either no engine (the next read
@@ -429,12 +378,6 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             self._engine = engine
             self._finalizer = weakref.finalize(self, executor.close)
         return engine
-
-    def _new_executor(self) -> Executor:
-        """An unstarted executor: a copy of the one given, or a local pool."""
-        if self._executor is not None:
-            return copy.deepcopy(self._executor)
-        return ProcessPool(self._start_method)
 
     # -- loader state between epochs (state.py) -------------------------------
 
@@ -455,10 +398,3 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         if not self._load_overridden():
             return ()
         return position_updates(key, self._epoch, self._start, self._repeat)
-
-    def _raise(self, outcome: Outcome, epoch: int, batch: int) -> None:
-        """Raises the batch's error, naming the batch, its ids and worker."""
-        assert outcome.error is not None
-        index = self._global_index(epoch, batch)
-        ids = describe_ids(self._source.ids(epoch, batch))
-        raise for_batch(outcome.error, index, ids, outcome.pid)

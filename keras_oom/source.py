@@ -21,7 +21,7 @@ import numpy as np
 from keras_oom import seeding
 from keras_oom.checks import as_index
 from keras_oom.indexing import BatchPlan, shard_size
-from keras_oom.protocol import describe_ids
+from keras_oom.protocol import add_note, describe_ids
 from keras_oom.sharding import resolve_shard
 
 Targets = Any  # an array-like, or a dict / tuple of array-likes
@@ -99,6 +99,40 @@ class BatchSource:
         """
         return self.seed, epoch, seeding.batch_position(batch, self.plan.shard)
 
+    def load(
+        self,
+        loader: Callable[..., Any],
+        wants_rng: bool,
+        epoch: int,
+        batch: int,
+        index: int,
+    ) -> Any:
+        """Loads batch `batch` of `epoch` in this process with `loader`.
+
+        Args:
+            loader: The loader, or a subclass's `load`.
+            wants_rng: Whether it declares `rng` (`seeding.accepts_rng`).
+            epoch: The batch's epoch.
+            batch: The batch within the epoch.
+            index: The batch index the caller asked for, for the note.
+
+        Returns:
+            What the loader returned.
+
+        Raises:
+            BaseException: Whatever the loader raised, of any class (as
+                `PrefetchLoaderDataset` raises it), with a note naming the
+                batch and its ids.
+        """
+        ids = self.ids(epoch, batch)
+        try:
+            return call_loader(loader, wants_rng, ids, self.seed_of(epoch, batch))
+        except BaseException as e:
+            add_note(
+                e, f"keras_oom: while loading batch {index}, ids {describe_ids(ids)}"
+            )
+            raise
+
     def with_targets(self, x: Any, epoch: int, batch: int) -> Any:
         """`x`, or `(x, y)` with labels, or `(x, y, w)` with sample weights.
 
@@ -147,6 +181,41 @@ class BatchSource:
                 f"`rows_per_id=k` (or `rows_per_id=None` to skip this check)."
             )
         return None
+
+    def check_rows(self, x: Any, epoch: int, batch: int, index: int) -> str | None:
+        """Checks that `x` has one row per id (`rows_per_id`) for the batch.
+
+        A mismatch is an error when labels or sample weights are attached
+        (they would be paired with the wrong rows), and otherwise only
+        worth a warning, which the dataset gives once.
+
+        Args:
+            x: What the loader returned for batch `batch` of `epoch`.
+            epoch: The batch's epoch.
+            batch: The batch within the epoch.
+            index: The batch index the caller asked for, for the message.
+
+        Returns:
+            None when every array is right; otherwise the warning to give.
+
+        Raises:
+            ValueError: If an array is wrong and the dataset has labels.
+        """
+        problem = self.row_mismatch(x, self.ids(epoch, batch), index)
+        if problem is None:
+            return None
+        if self.labels is not None:
+            targets = "labels"
+            if self.sample_weights is not None:
+                targets = "labels and sample weights"
+            raise ValueError(
+                f"{problem} The dataset pairs each id with its {targets}, so "
+                f"these rows would be trained on the wrong targets."
+            )
+        return (
+            f"{problem} Keras will see more or fewer samples than ids (this "
+            f"warning is shown once per dataset)."
+        )
 
     def for_workers(self) -> BatchSource:
         """A copy without the ids, labels and weights, which workers never read.

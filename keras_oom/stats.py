@@ -20,6 +20,7 @@ This module imports neither Keras nor a backend.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -49,6 +50,7 @@ __all__ = [
     "ReadStats",
     "Signals",
     "cores",
+    "dataset_report",
     "diagnose",
     "empty_report",
     "machine_cpu_times",
@@ -314,6 +316,38 @@ def report(
     out["verdict"] = verdict
     out["diagnosis"] = text
     return out
+
+
+def dataset_report(
+    reads: ReadStats,
+    engine: Any,
+    *,
+    num_workers: int,
+    final: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What `PrefetchLoaderDataset.stats()` returns, at any point of its life.
+
+    Args:
+        reads: The dataset's counts.
+        engine: Its running `engine.Prefetcher` (its `executor` and
+            `discarded`), or None when it has none (not started, or closed).
+        num_workers: The dataset's number of workers.
+        final: The report taken at `close()`, or None.
+
+    Returns:
+        `report()` of the running engine; else a copy of `final` (the
+        caller may change it); else `empty_report()`.
+    """
+    if engine is not None:
+        return report(
+            reads,
+            engine.executor,
+            num_workers=num_workers,
+            discarded=engine.discarded,
+        )
+    if final is not None:
+        return copy.deepcopy(final)
+    return empty_report(reads)
 
 
 def empty_report(reads: ReadStats) -> dict[str, Any]:

@@ -341,14 +341,23 @@ def test_sigkilled_worker_raises_worker_died_error(tmp_path):
         assert len(ds.worker_pids) == 2
 
 
-def test_idle_worker_killed_is_replaced_silently():
-    with PrefetchLoaderDataset(_procs.ids_loader, IDS, batch_size=4) as ds:
-        ref = LoaderDataset(_procs.ids_loader, IDS, batch_size=4)
+def _wait_for_lines(path, n, timeout=20.0):
+    """Waits until the loader log at `path` has at least `n` batches."""
+    deadline = time.monotonic() + timeout
+    while len(_procs.read_log(path)) < n:
+        assert time.monotonic() < deadline, f"{path}: {_procs.read_log(path)}"
+        time.sleep(0.02)
+
+
+def test_idle_worker_killed_is_replaced_silently(tmp_path):
+    log = tmp_path / "loaded"
+    loader = functools.partial(_procs.logging_loader, path=log)
+    with PrefetchLoaderDataset(loader, IDS, batch_size=4) as ds:
         for i in range(len(ds)):
             ds[i]
         ds.on_epoch_end()
-        ref.on_epoch_end()
-        time.sleep(0.2)  # the pool is idle after loading ahead
+        # Idle: the workers loaded the epoch and the next epoch's window.
+        _wait_for_lines(log, len(ds) + ds.num_workers)
         victim = ds.worker_pids[0]
         os.kill(victim, signal.SIGKILL)
         assert _procs.wait_gone([victim]) == []
@@ -358,7 +367,7 @@ def test_idle_worker_killed_is_replaced_silently():
                 got = ds[i]
             except WorkerDiedError:
                 got = ds[i]
-            np.testing.assert_array_equal(got["x"], ref[i]["x"])
+            np.testing.assert_array_equal(got, IDS[4 * i : 4 * i + 4] * 2)
 
 
 def test_timeout_raises_worker_timeout_error_and_recovers():
@@ -540,11 +549,14 @@ print("PIDS", *ds.worker_pids, flush=True)
 @pytest.mark.parametrize("start_method", ["fork", "subprocess"])
 def test_sigkill_of_the_parent_ends_the_workers(tmp_path, start_method):
     code = f"""
+import os
 import time
 import numpy as np
 from keras_oom import PrefetchLoaderDataset
 
 def loader(ids):
+    with open(os.path.join({str(tmp_path)!r}, f"entered.{{os.getpid()}}"), "w") as f:
+        f.write("entered")  # the test waits for this, not for a sleep
     time.sleep(30)
     return ids
 
@@ -557,7 +569,10 @@ time.sleep(60)
     try:
         pids = _procs.parse_pids(proc.stdout.readline())
         assert len(pids) == 2
-        time.sleep(1.0)  # let the workers start and enter the loader
+        deadline = time.monotonic() + 20
+        while len(list(tmp_path.glob("entered.*"))) < 2:  # both in the loader
+            assert time.monotonic() < deadline, "the workers never entered the loader"
+            time.sleep(0.02)
         assert all(_procs.alive(p) for p in pids)
         proc.kill()
         proc.wait(10)

@@ -2,7 +2,8 @@
 
 Sample ids, labels, the batch size and the seed are validated once, in
 `BatchSource`; each bad value is refused with an error naming the argument
-and the value. Seen here through `LoaderDataset`, which builds one.
+and the value. Seen here through `LoaderDataset`, which builds one, and,
+at the end, driven directly for what the dataset classes delegate to it.
 """
 
 from __future__ import annotations
@@ -110,3 +111,38 @@ def test_scalar_labels():
 def test_bad_seed(seed, error):
     with pytest.raises(error, match=f"seed={seed!r}|seed={seed}"):
         LoaderDataset(identity, np.arange(5), batch_size=2, seed=seed)
+
+
+# -- BatchSource driven directly: what the dataset classes delegate to it --
+
+
+def test_check_rows_raises_with_labels_and_words_a_warning_without():
+    """A loader that returns a row short: an error when labels would be
+    paired with the wrong rows, else the warning text the dataset gives."""
+    from keras_oom.source import BatchSource
+
+    short = np.zeros((3, 2))  # 4 ids, 3 rows
+    labelled = BatchSource(np.arange(8), np.arange(8), batch_size=4)
+    with pytest.raises(ValueError, match=r"3 rows in x .* its labels, so"):
+        labelled.check_rows(short, 0, 1, index=1)
+    plain = BatchSource(np.arange(8), batch_size=4)
+    warning = plain.check_rows(short, 0, 1, index=1)
+    assert warning is not None and "batch 1, ids [4, 5, 6, ... (4 ids)]" in warning
+    assert "more or fewer samples than ids" in warning
+    assert plain.check_rows(np.zeros((4, 2)), 0, 1, index=1) is None
+
+
+def test_load_notes_the_batch_and_its_ids_on_the_loaders_exception():
+    """A loader's exception reaches the caller itself, noted with the index
+    the caller asked for and the batch's ids."""
+    from keras_oom.source import BatchSource
+
+    def broken(ids):
+        raise KeyError("missing file")
+
+    source = BatchSource(np.arange(8), batch_size=4)
+    with pytest.raises(KeyError, match="missing file") as info:
+        source.load(broken, False, 0, 1, index=-1)
+    assert info.value.__notes__ == [
+        "keras_oom: while loading batch -1, ids [4, 5, 6, ... (4 ids)]"
+    ]

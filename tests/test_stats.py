@@ -447,3 +447,17 @@ def test_stats_answers_while_a_read_is_blocked_in_the_loader(tmp_path):
     assert results["stats"]["batches"] == 0
     assert results["stats"]["workers"][0]["pid"] == int(started.read_text())
     np.testing.assert_array_equal(results["batch"], np.arange(4))
+
+
+def test_dataset_report_after_close_is_a_copy_of_the_final_numbers():
+    """What stats() returns after close(): the final report, a copy the
+    caller may change; before any start: the empty report."""
+    reads = stats.ReadStats()
+    final = stats.empty_report(reads)
+    final["batches"] = 7
+    got = stats.dataset_report(reads, None, num_workers=2, final=final)
+    assert got == final and got is not final
+    got["workers"].append({"index": 0})
+    assert final["workers"] == []
+    empty = stats.dataset_report(reads, None, num_workers=2)
+    assert empty["verdict"] == "no-data" and empty["batches"] == 0
