@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
+from keras_oom.per_process import Owner
 from keras_oom.protocol import add_note
 
 
@@ -71,21 +72,21 @@ class DatasetClosedError(RuntimeError):
     """The dataset was used after `close()` ended its workers."""
 
 
-def unusable_error(owner_pid: int, closed: bool) -> RuntimeError | None:
+def unusable_error(owner: Owner, closed: bool) -> RuntimeError | None:
     """Why a `PrefetchLoaderDataset` cannot serve reads here, or None.
 
     Args:
-        owner_pid: The process that made the dataset (its workers serve
-            only that process; a fork inherits the dataset, not them).
+        owner: The process that made the dataset (its workers serve only
+            that process; a fork inherits the dataset, not them).
         closed: Whether `close()` ended its workers.
 
     Returns:
         A `RuntimeError` for a fork of the owner, a `DatasetClosedError`
         after `close()`, or None when the dataset can serve.
     """
-    if os.getpid() != owner_pid:
+    if not owner.here():
         return RuntimeError(
-            f"This PrefetchLoaderDataset belongs to process {owner_pid}; "
+            f"This PrefetchLoaderDataset belongs to process {owner.pid}; "
             f"this is process {os.getpid()}, a fork of it. Its workers "
             f"serve only their owner: build a new dataset in this process."
         )

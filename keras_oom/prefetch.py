@@ -345,7 +345,7 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
 
     def _ensure_started(self) -> Prefetcher:
         """The engine, started at first use; raises if it cannot serve."""
-        error = unusable_error(self._owner.pid, self._closed)
+        error = unusable_error(self._owner, self._closed)
         if error is not None:
             raise error
         if self._engine is not None:
