@@ -88,6 +88,8 @@ def test_importing_keras_oom_and_its_ray_module_does_not_import_ray():
         ({"actor_options": {"max_restarts": 3}}, ValueError, "max_restarts"),
         ({"actor_options": {"lifetime": "detached"}}, ValueError, "detached"),
         ({"start_timeout": 0}, ValueError, "start_timeout=0"),
+        ({"num_cpus": True}, TypeError, "num_cpus=True of type bool"),
+        ({"start_timeout": "1"}, TypeError, "start_timeout='1' of type str"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_parameter_and_value(kwargs, error, words):
