@@ -6,7 +6,9 @@ each in the order they were sent, their deadlines (`start_timeout` while
 an actor starts, `timeout` for the load at the head of its queue), and
 the wording of each way one ends: the loader's error, a lost actor (sent
 again once, then a `WorkerDiedError`), a `WorkerTimeoutError`, an actor
-Ray cannot place (`WorkerStartError`). `RayActors` never blocks:
+Ray cannot place (`WorkerStartError`, worded in ray_options.py). Its
+actors are held in `executor.Slots`, as the local pool holds its
+processes. `RayActors` never blocks:
 `RayExecutor.wait` (keras_oom/ray.py) waits on Ray and hands it what is
 ready; the module docstring there says how each failure ends.
 """
