@@ -36,6 +36,9 @@ from keras_oom.protocol import (
 from keras_oom.ray_options import one_line, unschedulable_error
 from keras_oom.restarts import Restarts
 
+# How long a lost actor's earlier loads get to report how they ended.
+_SETTLE_GRACE = 1.0
+
 
 class Actor:
     """One remote worker: a Ray actor and what is queued on it."""
@@ -241,7 +244,9 @@ class RayActors:
             self._arrive(index, Outcome(error=error, pid=actor.pid))
             return
         except ray.exceptions.RayError as e:  # the actor or its node is gone
-            self.lose(actor, e)
+            self._settle_before(actor, index)
+            if self.slots[actor.slot] is actor:  # not lost while settling
+                self.lose(actor, e)
             return
         error = None if payload is None else decode_error(payload, str(actor))
         actor.cpu_seconds = cpu
@@ -249,6 +254,25 @@ class RayActors:
         self.busy_seconds[index] = self.busy_seconds.get(index, 0.0) + seconds
         self.lost_once.discard(pending.key)
         self._arrive(index, Outcome(value, error, seconds, actor.pid))
+
+    def _settle_before(self, actor: Actor, index: int) -> None:
+        """Applies the loads queued on `actor` before `index` that ended.
+
+        Ray may report a later load's failure before an earlier load's
+        result, and `lose` takes the head of the queue for the load that
+        was running: not one that finished. The actor runs its loads in
+        order, so each earlier one finished or failed with it: its ref is
+        ready within `_SETTLE_GRACE` either way.
+        """
+        earlier = [self.loads[i].ref for i in actor.queue[: actor.queue.index(index)]]
+        if not earlier:
+            return
+        ready, _ = self.ray.wait(
+            earlier, num_returns=len(earlier), timeout=_SETTLE_GRACE
+        )
+        for ref in earlier:  # in the order they were sent
+            if ref in ready and ref in self.by_ref:
+                self._load_done(ref)
 
     def _arrive(self, index: int, outcome: Outcome) -> None:
         pending = self.loads.pop(index)
