@@ -57,11 +57,18 @@ every index busy as it would keep a local process busy.
 `worker_stats()`, `pids`, `started_at` and `retired_cpu_seconds` feed
 `stats()` (stats.py); an executor whose workers have no local pid reports
 the remote one, or 0.
+
+For implementations: `Slots` holds each slot's live worker and whether
+the executor is closed, under one lock, so that a worker lost by its owner
+and every worker taken by `close()` from another thread is ended exactly
+once (the local pool's processes, `RayExecutor`'s actors).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import threading
+from collections.abc import Iterator
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from keras_oom.protocol import Event, Load, WorkerSetup
 
@@ -137,3 +144,74 @@ class Executor(Protocol):
     def closed(self) -> bool:
         """Whether `close()` was called."""
         ...
+
+
+W = TypeVar("W")
+
+
+class Slots(Generic[W]):
+    """Which worker holds each slot, and whether the executor is closed.
+
+    The one rule both executors keep so that nothing is ended twice or
+    used after it ended: whoever takes a worker out of its slot ends it.
+    The owner takes one it lost (`take`); `close()`, from any thread,
+    takes them all; a worker started after `close()` is refused (`put`)
+    and its starter ends it. A slot is a worker index of the local pool,
+    an actor of `RayExecutor`.
+
+    Args:
+        size: Slots, `range(size)`, all vacant.
+    """
+
+    def __init__(self, size: int = 0) -> None:
+        self._items: list[W | None] = [None] * size
+        self.closed = False
+        # Guards the slots against close() from another thread (or a
+        # finalizer) while the owner replaces a worker.
+        self.lock = threading.Lock()
+
+    def resize(self, size: int) -> None:
+        """Makes `range(size)` the slots, all vacant (at `start`)."""
+        with self.lock:
+            self._items = [None] * size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, slot: int) -> W | None:
+        return self._items[slot]
+
+    def __iter__(self) -> Iterator[W | None]:
+        return iter(list(self._items))
+
+    def live(self) -> list[W]:
+        """The workers in their slots, by slot."""
+        return [w for w in self._items if w is not None]
+
+    def put(self, slot: int, worker: W) -> bool:
+        """Puts `worker` in `slot`; False if closed (the caller ends it)."""
+        with self.lock:
+            if self.closed:
+                return False
+            self._items[slot] = worker
+            return True
+
+    def take(self, slot: int, worker: W) -> bool:
+        """Takes `worker` out of `slot`; False if it is not there (closed
+        meanwhile: `close()` took it, and ends it)."""
+        with self.lock:
+            if self._items[slot] is not worker:
+                return False
+            self._items[slot] = None
+            return True
+
+    def close(self) -> list[W]:
+        """Marks the slots closed and takes every worker, for the caller to
+        end; none if closed already."""
+        with self.lock:
+            if self.closed:
+                return []
+            self.closed = True
+            live = self.live()
+            self._items = [None] * len(self._items)
+        return live

@@ -7,6 +7,9 @@ training's passes. Keras passes no such argument, so these functions walk
 the caller's frames and recognise Keras's own code by its file (under
 Keras's package directory) and its function's name:
 
+- `_keras_frames`: the one walk, over Keras's own frames up to the
+  innermost `fit` / `evaluate` / `predict` / build frame, that the others
+  read;
 - `_keras_caller`: the innermost `fit` / `evaluate` / `predict` / build
   frame, and whether an `EpochIterator.reset` lies within it;
 - `_keras_frame`: that frame itself (`warn_if_resume_differs` reads its
@@ -30,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -47,25 +51,33 @@ _KERAS_DIR = os.path.dirname(os.path.abspath(keras.__file__))
 _KNOWN = _NOT_TRAINING | {"fit"}
 
 
-def _keras_caller(frame: FrameType | None) -> tuple[str | None, bool]:
-    """The innermost of Keras's own fit / evaluate / predict / build frames,
-    and whether an `EpochIterator.reset` frame lies between it and `frame`.
+def _keras_frames(frame: FrameType | None) -> Iterator[FrameType]:
+    """Keras's own frames from `frame` outwards, up to and including the
+    innermost fit / evaluate / predict / build frame (`_KNOWN`).
 
     Frames are told by their code's name and file, not by `f_locals`:
     reading a frame's locals makes Python keep a snapshot of them on the
     frame, which would keep the caller's batches (shared memory) alive.
     """
-    via_reset = False
     while frame is not None:
         code = frame.f_code
         if code.co_filename.startswith(_KERAS_DIR):
+            yield frame
             if code.co_name in _KNOWN:
-                return code.co_name, via_reset
-            if code.co_name == "reset" and code.co_filename.endswith(
-                "epoch_iterator.py"
-            ):
-                via_reset = True
+                return
         frame = frame.f_back
+
+
+def _keras_caller(frame: FrameType | None) -> tuple[str | None, bool]:
+    """The innermost of Keras's own fit / evaluate / predict / build frames,
+    and whether an `EpochIterator.reset` frame lies between it and `frame`."""
+    via_reset = False
+    for keras_frame in _keras_frames(frame):
+        code = keras_frame.f_code
+        if code.co_name in _KNOWN:
+            return code.co_name, via_reset
+        if code.co_name == "reset" and code.co_filename.endswith("epoch_iterator.py"):
+            via_reset = True
     return None, False
 
 
@@ -115,27 +127,18 @@ def _read_context(frame: FrameType | None) -> tuple[str | None, Any]:
     never a batch, so reading them keeps nothing alive.
     """
     adapter = None
-    while frame is not None:
-        code = frame.f_code
-        if code.co_filename.startswith(_KERAS_DIR):
-            if code.co_name in _KNOWN:
-                return code.co_name, adapter
-            if adapter is None and code.co_name in _GENERATORS:
-                adapter = frame.f_locals.get("self")
-        frame = frame.f_back
+    for keras_frame in _keras_frames(frame):
+        name = keras_frame.f_code.co_name
+        if name in _KNOWN:
+            return name, adapter
+        if adapter is None and name in _GENERATORS:
+            adapter = keras_frame.f_locals.get("self")
     return None, adapter
 
 
 def _keras_frame(frame: FrameType | None) -> FrameType | None:
-    """The innermost of Keras's own fit / evaluate / predict / build frames.
-
-    Frames are told by their code's name and file, not by `f_locals`:
-    reading a frame's locals makes Python keep a snapshot of them on the
-    frame, which would keep the caller's batches (shared memory) alive.
-    """
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name in _KNOWN and code.co_filename.startswith(_KERAS_DIR):
-            return frame
-        frame = frame.f_back
+    """The innermost of Keras's own fit / evaluate / predict / build frames."""
+    for keras_frame in _keras_frames(frame):
+        if keras_frame.f_code.co_name in _KNOWN:
+            return keras_frame
     return None

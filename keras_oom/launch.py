@@ -46,6 +46,7 @@ from typing import Any
 
 from keras_oom import processes
 from keras_oom import worker as worker_module
+from keras_oom.errors import WorkerStartError, describe_exit
 from keras_oom.forksafe import fork_hazards
 from keras_oom.processes import Process, close_conn, close_fd, new_connection
 from keras_oom.protocol import WorkerSetup, safe_str
@@ -345,6 +346,21 @@ def main_reimport_message(worker_index: int, pid: int, method: str | None) -> st
         f"worker would run the script again. Put the script's work under "
         f'`if __name__ == "__main__":`, or use start_method=None (the '
         f"default), which starts workers without importing the main module."
+    )
+
+
+def died_starting(
+    worker: str, worker_index: int, pid: int, exitcode: int | None, method: str | None
+) -> BaseException:
+    """Why worker `worker` (its name, e.g. `"worker 0 (pid 12)"`) ended
+    before it was ready: a `WorkerStartError` if it re-ran an unguarded
+    script (that breaks the pool: every start would end so), else a
+    `RuntimeError` for one failed start."""
+    if exitcode == MAIN_REIMPORT_EXIT:
+        return WorkerStartError(main_reimport_message(worker_index, pid, method))
+    return RuntimeError(
+        f"{worker} {describe_exit(exitcode)} before it was ready; see its "
+        f"output above{reimport_hint(method)}"
     )
 
 

@@ -58,7 +58,7 @@ _TERM_GRACE = 0.5
 
 
 class Ending(Protocol):
-    """A worker as the pool holds it (`process_pool._Worker`)."""
+    """A worker as the pool holds it (`pool_worker.PoolWorker`)."""
 
     process: Process
     conn: Connection

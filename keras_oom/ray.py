@@ -59,12 +59,14 @@ from keras_oom.per_process import Owner
 from keras_oom.protocol import Event, Load, WorkerSetup
 from keras_oom.ray_actors import Actor, Pending, RayActors
 from keras_oom.ray_options import (
+    asked_resources,
     check_actor_options,
     check_in_flight,
     check_num_cpus,
     check_start_timeout,
     import_ray,
     pickle_setup,
+    remote_options,
 )
 
 __all__ = ["RayExecutor"]
@@ -172,18 +174,12 @@ class RayExecutor:
         self._remote: Any = None  # the actor class, wrapped by ray.remote
         self._setup_ref: Any = None
         # The actors, their loads, deadlines and losses (ray_actors.py).
-        self._actors = RayActors(self.in_flight, self.start_timeout, self._asked())
+        asked = asked_resources(self.num_cpus, self.actor_options)
+        self._actors = RayActors(self.in_flight, self.start_timeout, asked)
         self._closing = threading.Event()
         self._owner = Owner()
         self._local_node: str | None = None
         self.started_at = time.perf_counter()
-
-    def _asked(self) -> dict[str, Any]:
-        """The resources each actor asks Ray for, as Ray names them."""
-        asked = {"CPU": self.num_cpus, **self.actor_options.get("resources", {})}
-        if "num_gpus" in self.actor_options:
-            asked["GPU"] = self.actor_options["num_gpus"]
-        return asked
 
     @property
     def retired_cpu_seconds(self) -> float:
@@ -235,18 +231,10 @@ class RayExecutor:
             self.close()  # no actor may outlive a start that raised
             raise
 
-    def _options(self) -> dict[str, Any]:
-        return {
-            **self.actor_options,
-            "num_cpus": self.num_cpus,
-            "max_restarts": 0,
-            "max_task_retries": 0,
-            "max_concurrency": 1,
-        }
-
     def _create(self, slot: int) -> tuple[Any, Any]:
         """A new actor for `slot`, and the ref of its setup."""
-        handle = self._remote.options(**self._options()).remote()
+        options = remote_options(self.num_cpus, self.actor_options)
+        handle = self._remote.options(**options).remote()
         return handle, handle.setup.remote(self._setup_ref, slot)
 
     # -- requests -----------------------------------------------------------
@@ -338,9 +326,7 @@ class RayExecutor:
         actor's CPU seconds."""
         actors = self._actors
         out = []
-        for actor in actors.slots:
-            if actor is None:
-                continue
+        for actor in actors.slots.live():
             for index in actors.indexes(actor.slot):
                 out.append(
                     {
@@ -363,7 +349,7 @@ class RayExecutor:
     def pids(self) -> list[int]:
         """Per live actor, its process id on this node, or 0 (not started
         yet, or on another node)."""
-        return [self._local_pid(a) for a in self._actors.slots if a is not None]
+        return [self._local_pid(a) for a in self._actors.slots.live()]
 
     @property
     def closed(self) -> bool:

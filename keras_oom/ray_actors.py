@@ -6,7 +6,9 @@ each in the order they were sent, their deadlines (`start_timeout` while
 an actor starts, `timeout` for the load at the head of its queue), and
 the wording of each way one ends: the loader's error, a lost actor (sent
 again once, then a `WorkerDiedError`), a `WorkerTimeoutError`, an actor
-Ray cannot place (`WorkerStartError`). `RayActors` never blocks:
+Ray cannot place (`WorkerStartError`, worded in ray_options.py). Its
+actors are held in `executor.Slots`, as the local pool holds its
+processes. `RayActors` never blocks:
 `RayExecutor.wait` (keras_oom/ray.py) waits on Ray and hands it what is
 ready; the module docstring there says how each failure ends.
 """
@@ -15,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from keras_oom.errors import WorkerDiedError, WorkerStartError, WorkerTimeoutError
+from keras_oom.errors import WorkerDiedError, WorkerTimeoutError
+from keras_oom.executor import Slots
 from keras_oom.protocol import (
     Arrived,
     Event,
@@ -30,10 +32,12 @@ from keras_oom.protocol import (
     Outcome,
     add_note,
     decode_error,
-    describe_error,
 )
-from keras_oom.ray_options import format_resources, one_line
+from keras_oom.ray_options import one_line, unschedulable_error
 from keras_oom.restarts import Restarts
+
+# How long a lost actor's earlier loads get to report how they ended.
+_SETTLE_GRACE = 1.0
 
 
 class Actor:
@@ -98,11 +102,11 @@ class RayActors:
         self.ray: Any = None
         self.create: Callable[[int], tuple[Any, Any]] | None = None
         self.timeout: float | None = None
-        self.closed = False
         # Failed starts per actor index, the pause before the next, and
         # what broke the executor: the local pool's own bookkeeping.
         self.restarts = Restarts()
-        self.slots: list[Actor | None] = []  # actor slot -> its live actor
+        # Each actor slot's live actor; whoever takes one out kills it.
+        self.slots: Slots[Actor] = Slots()
         self.loads: dict[int, Pending] = {}  # worker index -> its load
         self.setups: dict[Any, Actor] = {}  # setup ref -> actor
         self.by_ref: dict[Any, int] = {}  # load ref -> worker index
@@ -110,13 +114,16 @@ class RayActors:
         self.batches: dict[int, int] = {}
         self.busy_seconds: dict[int, float] = {}
         self.events: list[Event] = []
-        self.state_lock = threading.Lock()
         self.retired_cpu_seconds = 0.0
+
+    @property
+    def closed(self) -> bool:
+        return self.slots.closed
 
     def begin(self, num_workers: int, timeout: float | None) -> None:
         """Sizes the table for `num_workers` actors, none created yet."""
         self.timeout = timeout
-        self.slots = [None] * num_workers
+        self.slots.resize(num_workers)
         self.restarts = Restarts(num_workers)
 
     # -- actors -------------------------------------------------------------
@@ -133,12 +140,8 @@ class RayActors:
             self.restarts.failed(slot, e)
             return
         actor = Actor(slot, handle, setup_ref)
-        with self.state_lock:
-            accepted = not self.closed  # else closed from another thread
-            if accepted:
-                self.slots[slot] = actor
-        if not accepted:
-            self.kill_handle(handle)
+        if not self.slots.put(slot, actor):
+            self.kill_handle(handle)  # closed from another thread meanwhile
             return
         self.setups[setup_ref] = actor
         self.events += [Joined(i) for i in self.indexes(slot)]
@@ -183,13 +186,7 @@ class RayActors:
     def close(self) -> list[Actor]:
         """Marks the table closed; the live actors, for the caller to kill
         (none if it was closed already)."""
-        with self.state_lock:
-            if self.closed:
-                return []
-            self.closed = True
-            actors = [a for a in self.slots if a is not None]
-            self.slots = [None] * len(self.slots)
-        return actors
+        return self.slots.close()
 
     def kill_handle(self, handle: Any) -> None:
         with contextlib.suppress(Exception):  # already dead, or Ray shut down
@@ -247,7 +244,9 @@ class RayActors:
             self._arrive(index, Outcome(error=error, pid=actor.pid))
             return
         except ray.exceptions.RayError as e:  # the actor or its node is gone
-            self.lose(actor, e)
+            self._settle_before(actor, index)
+            if self.slots[actor.slot] is actor:  # not lost while settling
+                self.lose(actor, e)
             return
         error = None if payload is None else decode_error(payload, str(actor))
         actor.cpu_seconds = cpu
@@ -255,6 +254,25 @@ class RayActors:
         self.busy_seconds[index] = self.busy_seconds.get(index, 0.0) + seconds
         self.lost_once.discard(pending.key)
         self._arrive(index, Outcome(value, error, seconds, actor.pid))
+
+    def _settle_before(self, actor: Actor, index: int) -> None:
+        """Applies the loads queued on `actor` before `index` that ended.
+
+        Ray may report a later load's failure before an earlier load's
+        result, and `lose` takes the head of the queue for the load that
+        was running: not one that finished. The actor runs its loads in
+        order, so each earlier one finished or failed with it: its ref is
+        ready within `_SETTLE_GRACE` either way.
+        """
+        earlier = [self.loads[i].ref for i in actor.queue[: actor.queue.index(index)]]
+        if not earlier:
+            return
+        ready, _ = self.ray.wait(
+            earlier, num_returns=len(earlier), timeout=_SETTLE_GRACE
+        )
+        for ref in earlier:  # in the order they were sent
+            if ref in ready and ref in self.by_ref:
+                self._load_done(ref)
 
     def _arrive(self, index: int, outcome: Outcome) -> None:
         pending = self.loads.pop(index)
@@ -268,12 +286,15 @@ class RayActors:
 
     def check_deadlines(self) -> None:
         now = time.monotonic()
-        for actor in list(self.slots):
-            if actor is None or self.slots[actor.slot] is not actor:
-                continue
+        for actor in self.slots.live():
+            if self.slots[actor.slot] is not actor:
+                continue  # lost meanwhile, in this loop
             if not actor.ready:
                 if now >= actor.created + self.start_timeout:
-                    self.restarts.break_(self._unschedulable(actor))
+                    error = unschedulable_error(
+                        self.ray, str(actor), self.start_timeout, self.asked
+                    )
+                    self.restarts.break_(error)
             elif (
                 self.timeout is not None
                 and actor.queue
@@ -293,25 +314,6 @@ class RayActors:
                 deadlines.append(actor.head_since + self.timeout)
         return min(deadlines)
 
-    def _unschedulable(self, actor: Actor) -> WorkerStartError:
-        ray = self.ray
-        try:
-            available = ray.available_resources()
-            total = ray.cluster_resources()
-            have = (
-                f"available now: {format_resources(available)}; in the cluster: "
-                f"{format_resources(total)}"
-            )
-        except Exception as e:
-            have = f"the cluster's resources could not be read ({describe_error(e)})"
-        return WorkerStartError(
-            f"keras_oom's {actor} did not start within start_timeout="
-            f"{self.start_timeout}s: Ray could not place it, or its setup "
-            f"(worker_init) did not finish. Each actor asks for "
-            f"{format_resources(self.asked)}; {have}. Add nodes or CPUs, lower "
-            f"num_cpus or num_workers, or raise start_timeout."
-        )
-
     def lose(
         self,
         actor: Actor,
@@ -320,11 +322,7 @@ class RayActors:
         timed_out: int | None = None,
     ) -> None:
         """Ends `actor`: each of its indexes is `Lost`, then it is replaced."""
-        with self.state_lock:
-            mine = self.slots[actor.slot] is actor
-            if mine:
-                self.slots[actor.slot] = None
-        if not mine:
+        if not self.slots.take(actor.slot, actor):
             return  # closed meanwhile: the caller gets DatasetClosedError
         self.kill_handle(actor.handle)
         self.setups.pop(actor.setup_ref, None)

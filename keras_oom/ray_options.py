@@ -3,8 +3,9 @@
 What keras_oom/ray.py and keras_oom/ray_actors.py share without importing
 Ray: the checks of `RayExecutor`'s arguments (each error names the
 parameter and the value), Ray's import (imported only when an executor
-starts), the setup's pickling for the actors, and the wording of Ray's
-errors and resources in keras-oom's own errors.
+starts), the setup's pickling for the actors, the actors' options and the
+resources they ask for, and the wording of Ray's errors and resources in
+keras-oom's own errors (an actor Ray cannot place).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numbers
 from typing import Any
 
 from keras_oom.checks import as_index
+from keras_oom.errors import WorkerStartError
 from keras_oom.protocol import WorkerSetup, describe_error, safe_str
 
 # Options the executor sets itself: it replaces lost actors (Ray must not
@@ -56,13 +58,60 @@ def format_resources(resources: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
-def check_num_cpus(num_cpus: Any) -> float:
-    if isinstance(num_cpus, bool) or not isinstance(num_cpus, numbers.Real):
-        raise TypeError(
-            f"`num_cpus` must be a number of CPUs per actor. "
-            f"Received: num_cpus={num_cpus!r} of type {type(num_cpus).__name__}"
+def unschedulable_error(
+    ray: Any, actor: str, start_timeout: float, asked: dict[str, Any]
+) -> WorkerStartError:
+    """Why `actor` (its name) did not start within `start_timeout` seconds:
+    the resources it asked for, and those Ray has now."""
+    try:
+        available = ray.available_resources()
+        total = ray.cluster_resources()
+        have = (
+            f"available now: {format_resources(available)}; in the cluster: "
+            f"{format_resources(total)}"
         )
-    value = float(num_cpus)
+    except Exception as e:
+        have = f"the cluster's resources could not be read ({describe_error(e)})"
+    return WorkerStartError(
+        f"keras_oom's {actor} did not start within start_timeout="
+        f"{start_timeout}s: Ray could not place it, or its setup "
+        f"(worker_init) did not finish. Each actor asks for "
+        f"{format_resources(asked)}; {have}. Add nodes or CPUs, lower "
+        f"num_cpus or num_workers, or raise start_timeout."
+    )
+
+
+def asked_resources(num_cpus: float, actor_options: dict[str, Any]) -> dict[str, Any]:
+    """The resources each actor asks Ray for, as Ray names them."""
+    asked = {"CPU": num_cpus, **actor_options.get("resources", {})}
+    if "num_gpus" in actor_options:
+        asked["GPU"] = actor_options["num_gpus"]
+    return asked
+
+
+def remote_options(num_cpus: float, actor_options: dict[str, Any]) -> dict[str, Any]:
+    """The actors' `ray.remote` options: the user's, and `OWN_OPTIONS`."""
+    return {
+        **actor_options,
+        "num_cpus": num_cpus,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+        "max_concurrency": 1,
+    }
+
+
+def _as_real(value: Any, name: str, what: str) -> float:
+    """`value` as a float, or a `TypeError` naming `name` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be {what}. Received: {name}={value!r} "
+            f"of type {type(value).__name__}"
+        )
+    return float(value)
+
+
+def check_num_cpus(num_cpus: Any) -> float:
+    value = _as_real(num_cpus, "num_cpus", "a number of CPUs per actor")
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(
             f"`num_cpus` must be a finite number >= 0. Received: num_cpus={num_cpus}"
@@ -99,12 +148,7 @@ def check_actor_options(actor_options: Any) -> dict[str, Any]:
 
 
 def check_start_timeout(start_timeout: Any) -> float:
-    if isinstance(start_timeout, bool) or not isinstance(start_timeout, numbers.Real):
-        raise TypeError(
-            f"`start_timeout` must be a number of seconds. Received: "
-            f"start_timeout={start_timeout!r} of type {type(start_timeout).__name__}"
-        )
-    value = float(start_timeout)
+    value = _as_real(start_timeout, "start_timeout", "a number of seconds")
     if not value > 0:  # also NaN
         raise ValueError(
             f"`start_timeout` must be positive. Received: start_timeout={start_timeout}"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from keras_oom import DatasetClosedError, WorkerDiedError
-from keras_oom.executor import Executor
+from keras_oom.executor import Executor, Slots
 from keras_oom.process_pool import ProcessPool
 from keras_oom.protocol import Arrived, Joined, Load, Lost, WorkerSetup, pack_ids
 
@@ -163,3 +163,22 @@ def test_close_is_idempotent_and_ends_every_worker(executor):
     assert executor.closed and executor.pids == []
     assert len(pids) == 2 and 0 not in pids
     assert _procs.wait_gone(pids, timeout=10) == []
+
+
+def test_slots_let_exactly_one_taker_end_each_worker():
+    """Kind: shared bookkeeping. Both executors keep their live workers in
+    `Slots`: a worker taken out by its owner (a loss) is not handed to
+    `close()` again, `close()` hands over the rest once, and a worker
+    started after `close()` is refused, for its starter to end."""
+    slots: Slots[str] = Slots()
+    slots.resize(3)
+    assert slots.put(0, "a") and slots.put(2, "c")
+    assert list(slots) == ["a", None, "c"] and slots.live() == ["a", "c"]
+    assert slots.take(0, "a")
+    assert not slots.take(0, "a")  # taken already: the first taker ends it
+    assert not slots.take(2, "other")  # not the worker in that slot
+    assert slots.close() == ["c"]
+    assert slots.closed and slots.live() == []
+    assert slots.close() == []  # idempotent: nothing handed over twice
+    assert not slots.put(1, "late")
+    assert not slots.take(2, "c")  # close() took it

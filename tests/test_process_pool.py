@@ -36,6 +36,7 @@ from keras_oom import (
 )
 from keras_oom import process_pool as pool_module
 from keras_oom.executor import MAX_START_FAILURES
+from keras_oom.pool_worker import PoolWorker
 from keras_oom.protocol import WorkerSetup
 
 pytestmark = pytest.mark.timeout(60)
@@ -333,9 +334,9 @@ def test_close_from_another_thread_during_a_replacement_releases_once(
         if main and closer.ident is None and self.exitcode is not None:
             closer.start()
             deadline = time.monotonic() + 10
-            while not pool._closed and time.monotonic() < deadline:
+            while not pool.closed and time.monotonic() < deadline:
                 time.sleep(0.005)
-            with pool._state_lock:
+            with pool._workers.lock:
                 pass
         return original_join(self, timeout)
 
@@ -421,17 +422,17 @@ def test_a_broken_pool_raises_at_once_also_for_batches_kept_for_a_reread():
 def started(monkeypatch) -> list[int]:
     """The pid of every worker process started during the test, in order.
 
-    Recorded as each `_Worker` is built: a start that fails after its
+    Recorded as each `PoolWorker` is built: a start that fails after its
     process exists is recorded too.
     """
     pids: list[int] = []
-    original = pool_module._Worker.__init__
+    original = PoolWorker.__init__
 
     def init(self, slot, process, conn):
         pids.append(process.pid)
         original(self, slot, process, conn)
 
-    monkeypatch.setattr(pool_module._Worker, "__init__", init)
+    monkeypatch.setattr(PoolWorker, "__init__", init)
     return pids
 
 
@@ -565,7 +566,7 @@ def test_start_that_fails_after_its_process_exists_ends_it(started, monkeypatch)
     """Kind D: a start that raises after the worker process was forked
     (here building the worker's record fails, as a descriptor limit would
     make it) must end that process; the pool retries the slot."""
-    original = pool_module._Worker.__init__  # the `started` fixture's
+    original = PoolWorker.__init__  # the `started` fixture's
     calls = []
 
     def init(self, slot, process, conn):
@@ -574,7 +575,7 @@ def test_start_that_fails_after_its_process_exists_ends_it(started, monkeypatch)
         if len(calls) == 1:
             raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(pool_module._Worker, "__init__", init)
+    monkeypatch.setattr(PoolWorker, "__init__", init)
     with PrefetchLoaderDataset(
         _procs.ids_loader,
         np.arange(8),
