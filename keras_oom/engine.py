@@ -132,8 +132,10 @@ class Prefetcher:
         # batches must not be served.
         self._stale: set[tuple[int, Key]] = set()
         self._stale_discarded = 0
-        # An epoch boundary passed: loader state may have changed since.
-        self._state_due = False
+        # An epoch boundary passed: loader state may have changed since. The
+        # workers start before the first read (`with`, `set_epoch`, ...) with
+        # the state of that moment: the first read is such a boundary too.
+        self._state_due = True
 
     def start(
         self, setup: WorkerSetup, *, timeout: float | None, epoch: int, start: int

@@ -13,9 +13,11 @@ module carries such changes to them:
   `("attr", name)` or `("cell", index)`.
 - `StateTracker` (parent) fingerprints every slot when the workers start
   and again at the first read after each epoch boundary (`refresh`), never
-  per batch. A fingerprint hashes the slot's pickled bytes (large arrays
-  out of band, without a copy); a memory map is named by its file, not
-  read; a value that does not pickle is known by its identity.
+  per batch. The first read is such a boundary too: the workers may start
+  before it (`with`, `set_epoch`), and the state at that read counts. A
+  fingerprint hashes the slot's pickled bytes (large arrays out of band,
+  without a copy); a memory map is named by its file, not read; a value
+  that does not pickle is known by its identity.
 - Each worker's request (`protocol.Load.state`) carries the slots whose
   fingerprint differs from what that worker has (`updates_for`), pickled
   with `cloudpickle`; `apply_state` (worker) sets them on its copy before

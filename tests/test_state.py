@@ -221,3 +221,34 @@ def test_a_replacement_worker_gets_the_changed_state(start_method):
                 got.append(ds[i].tolist())
         assert victim not in ds.worker_pids
     assert got == want[1]
+
+
+FIRST_USES = {
+    "set_epoch": lambda ds: ds.set_epoch(0),
+    "with": lambda ds: ds.__enter__(),
+    "worker_pids": lambda ds: ds.worker_pids,
+    "stats": lambda ds: ds.stats(),
+}
+
+
+@pytest.mark.parametrize("first_use", sorted(FIRST_USES))
+@pytest.mark.parametrize("start_method", ["fork", "subprocess"])
+def test_state_changed_after_the_workers_started_reaches_the_first_read(
+    start_method, first_use
+):
+    """Kind E: the workers start at first use with the loader as it is
+    then, and load ahead at once; a change made between that first use and
+    the first read is a change before the first epoch, and LoaderDataset
+    (which loads at the read) shows it. Found by the differential test:
+    `set_epoch(0)`, `level += 1`, `ds[0]` gave the batch of level 0."""
+    loader = sl.LevelLoader()
+    ds = PrefetchLoaderDataset(
+        loader, IDS, batch_size=4, num_workers=2, start_method=start_method
+    )
+    try:
+        FIRST_USES[first_use](ds)  # workers start, with level 0
+        loader.level = 7
+        got = [ds[i].tolist() for i in range(len(ds))]
+    finally:
+        ds.close()
+    assert levels(got) == [7], got
