@@ -35,7 +35,7 @@ from keras_oom.protocol import (
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.state import StateTracker, Update, position_updates
+from keras_oom.state import StateTracker, Update, position_moved, position_updates
 
 
 class PrefetchLoaderDataset(LoaderDataset, PerProcess):
@@ -53,12 +53,10 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     `steps_per_epoch=ds.batches_per_epoch`. Random access still returns the
     right batch, without the head start (the dataset warns once).
 
-    Loader state that changes between epochs (a subclass's attributes set
-    in `on_epoch_end`, a loader object's attributes, a closure's variables)
-    reaches the workers before they load the next epoch's batches
-    (`keras_oom.state`). Close the dataset to end its workers: a `with`
-    block or `close()`; dropping the last reference and interpreter exit
-    close it too. The full reference is docs/api.md and docs/pool.md.
+    Loader state changed between epochs reaches the workers before they
+    load the next epoch's batches (`keras_oom.state`). `close()` or a `with`
+    block ends the workers; so do the last reference's drop and interpreter
+    exit. The full reference is docs/api.md and docs/pool.md.
 
     Args:
         loader: As for `LoaderDataset`. It must pickle with `cloudpickle`
@@ -75,17 +73,13 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             `float("inf")`) to wait without limit.
         start_method: How to start workers: `"fork"`, `"subprocess"` (a fresh
             interpreter), `"spawn"` or `"forkserver"`. `None` forks while that
-            is safe and starts fresh interpreters once it is not (JAX,
-            TensorFlow or CUDA started, another thread running, or a native
-            thread pool that does not survive a fork: docs/pool.md). An
-            explicit `"fork"` forks anyway and warns, naming what it found.
-        worker_init: Optional callable run once in each worker process, as
-            `worker_init(index)` with the worker's index in
-            `range(num_workers)` (a replacement takes the index of the one it
-            replaces), before its first batch: the place to open a database
-            connection or a file that cannot be pickled. If it raises, the
-            next read raises that exception, with the worker's traceback in
-            its notes, and the dataset stops starting workers.
+            is safe and starts fresh interpreters once it is not (docs/pool.md
+            says when). An explicit `"fork"` forks anyway, with a warning.
+        worker_init: Optional callable run once in each worker process before
+            its first batch, as `worker_init(index)`, `index` in
+            `range(num_workers)` (a replacement's is its predecessor's): the
+            place to open what cannot be pickled. If it raises, the next read
+            raises that exception and the dataset stops starting workers.
         executor: What runs the workers: an unstarted executor
             (`keras_oom.executor.Executor`). Each dataset, and each copy of
             one, starts a copy of it at first use. `None` (the default): the
@@ -137,11 +131,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
-        if (
-            executor is None
-            and not self._load_overridden()
-            and (start_method or default_start_method()) != "fork"
-        ):
+        method = start_method or default_start_method()
+        if executor is None and not self._load_overridden() and method != "fork":
             # Fail at construction where we can: the loader is known now.
             pickle_setup(self._worker_setup(), start_method or "subprocess")
         self._init_runtime()
@@ -180,22 +171,16 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         reads two batches early to infer shapes).
 
         Raises:
-            IndexError: If `index` is out of range.
+            IndexError, ValueError: As for `LoaderDataset.__getitem__`.
             DatasetClosedError: If the dataset was closed.
             WorkerDiedError, WorkerTimeoutError, WorkerStartError: If the
-                batch's worker died or took longer than `timeout`, or workers
-                could not be started.
-            ValueError: If the dataset attaches labels and an array of the
-                loader's output does not have `len(ids) * rows_per_id` rows.
-            TypeError: If loader state changed since the last epoch and
-                cannot be pickled to reach the workers (naming it).
-            RuntimeError: If called in a forked child of the owning process,
-                or standing in for a loader's exception that cannot be
-                rebuilt in this process (its message names it).
-            BaseException: Whatever the loader raised, of any class (as
-                `LoaderDataset` raises it), with the worker's traceback in its
-                notes and as its cause; whatever pickling the batch's ids or
-                unpickling its result raised. The next read is unaffected.
+                batch's worker died or outlived `timeout`, or none started.
+            TypeError: If changed loader state cannot be pickled (naming it).
+            RuntimeError: In a forked child of the owning process, or for a
+                loader's exception that cannot be rebuilt here (named).
+            BaseException: What the loader raised (the worker's traceback in
+                its notes and as its cause), or pickling the batch's ids or
+                unpickling its result did. The next read is unaffected.
         """
         with self._lock:
             engine = self._ensure_started()
@@ -232,19 +217,15 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             self._moved(start)
 
     def _moved(self, start_before: int) -> None:
-        """Index 0 names another batch now: load ahead from there.
-
-        Batches a subclass's `load` loaded ahead saw `self.epoch` as it
-        would be when read (`_position_state`): wrong now if `_start`
-        changed, or, with `repeat=True`, `epoch` did.
-        """
-        engine = self._engine
-        if engine is None:
+        """Index 0 names another batch now: load ahead from there."""
+        if self._engine is None:
             return
-        if self._load_overridden() and (self._repeat or self._start != start_before):
-            engine.discard_loaded(self._epoch, self._start)  # all loaded ahead
+        # A subclass's `load` saw `self.epoch` as it would be when read.
+        moved = position_moved(start_before, self._start, self._repeat)
+        if self._load_overridden() and moved:
+            self._engine.discard_loaded(self._epoch, self._start)
         else:
-            engine.restart(self._epoch, self._start)  # from what index 0 reads
+            self._engine.restart(self._epoch, self._start)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -298,18 +279,13 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         Answers at once, also from another thread while a read waits.
 
         Returns:
-            A dict: totals since the workers started (`batches` delivered,
-            `hits` among them, `discarded`, `out_of_order`, `wait_seconds`,
-            `load_seconds`, `elapsed_seconds`, `startup_seconds`); shares
-            in [0, 1] of the time since the first batch (`wait_share`,
-            `worker_busy_share`, `worker_io_wait_share`, `cpu_share`,
-            `machine_cpu_share`, the last two `None` where unknown);
-            `cores`; `workers` (per worker: `index`, `pid`, `batches`,
-            `busy_seconds`, `cpu_seconds`, `utilization`); a `verdict` (one
-            of `stats.VERDICTS`) and a `diagnosis`, one sentence with the
-            numbers behind it and the next step. docs/api.md describes each
-            key, docs/performance.md each verdict. After `close()`, the
-            final numbers.
+            A dict: totals since the workers started (`batches`, `hits`,
+            `wait_seconds`, ...), shares of the time since the first batch
+            (`wait_share`, `worker_busy_share`, ...), `cores`, `workers` (per
+            worker), a `verdict` (one of `stats.VERDICTS`) and a `diagnosis`,
+            one sentence with the numbers and the next step. docs/api.md
+            describes each key, docs/performance.md each verdict. After
+            `close()`, the final numbers.
 
         Example:
 
@@ -356,14 +332,22 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             if self._executor is not None
             else ProcessPool(self._start_method)
         )
+        # What workers must see change (state.py): a subclass's attributes
+        # and `self.epoch` as it will be when each key is read, or the loader.
+        position: Callable[[Key], tuple[Update, ...]] | None = None
+        if self._load_overridden():
+            state = StateTracker(self, self._internal, type(self).__name__)
+            position = self._position_state
+        else:
+            state = StateTracker(self._loader)
         engine = Prefetcher(
             executor,
             self._source,
             num_workers=self._num_workers,
             batches_per_epoch=self._plan.batches_per_epoch,
             reads=self._reads,
-            state=self._track_state(),
-            position_state=self._position_state,
+            state=state,
+            position_state=position,
         )
         # Deferred: a Ctrl-C here must leave either no engine (the next read
         # starts one) or an engine that this dataset owns and will close.
@@ -381,20 +365,11 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
 
     # -- loader state between epochs (state.py) -------------------------------
 
-    def _track_state(self) -> StateTracker:
-        """Fingerprints what workers are about to get, to see it change."""
-        if self._load_overridden():
-            return StateTracker(self, self._internal, type(self).__name__)
-        return StateTracker(self._loader)
-
     def _state_may_change(self) -> None:
         """An epoch boundary: look for changed loader state at the next read."""
         if self._engine is not None:
             self._engine.state_may_change()
 
     def _position_state(self, key: Key) -> tuple[Update, ...]:
-        """`_epoch` and `_start` as they will be when `key` is read, for a
-        subclass's `load` that reads `self.epoch` (none for a loader)."""
-        if not self._load_overridden():
-            return ()
+        """`_epoch` and `_start` as they will be when `key` is read."""
         return position_updates(key, self._epoch, self._start, self._repeat)

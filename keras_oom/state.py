@@ -238,3 +238,15 @@ def position_updates(
         (("attr", "_epoch"), pickle.dumps(epoch)),
         (("attr", "_start"), pickle.dumps(start)),
     )
+
+
+def position_moved(start_before: int, start: int, repeat: bool) -> bool:
+    """Whether batches requested before a dataset moved (`set_epoch`, a new
+    epoch) carry `position_updates` that are wrong now.
+
+    Args:
+        start_before, start: The dataset's `_start` before and after.
+        repeat: Whether the dataset repeats: then its `_epoch` is sent as it
+            is, and any move may have changed it.
+    """
+    return repeat or start != start_before
