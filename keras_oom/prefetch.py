@@ -35,28 +35,23 @@ from keras_oom.protocol import (
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.state import StateTracker, Update, position_moved, position_updates
+from keras_oom.state import StateTracker, Update, position_updates
 
 
 class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     """A `LoaderDataset` whose loader runs ahead in a pool of worker processes.
 
-    `num_workers` processes start at the dataset's first use (the first
-    read, `with`, `set_epoch`, `worker_pids` or `stats()`) and serve every
-    epoch until `close()`. Each loads one batch at a time; together they
-    keep the next `num_workers` batches of the expected order in flight,
-    across epoch boundaries too. Every index yields exactly the batch that
-    `LoaderDataset` would, in any request order and for any `num_workers`.
+    `num_workers` processes start at first use (a read, `with`, `set_epoch`,
+    `worker_pids`, `stats()`) and serve every epoch until `close()`, keeping
+    the next `num_workers` batches of the expected order in flight. Every
+    index yields exactly the batch `LoaderDataset` would, in any order.
 
-    Read batches in order to benefit: `fit(ds, shuffle=False)` with the
-    dataset's own `shuffle=True`, or `repeat=True` with
-    `steps_per_epoch=ds.batches_per_epoch`. Random access still returns the
-    right batch, without the head start (the dataset warns once).
-
-    Loader state changed between epochs reaches the workers before they
-    load the next epoch's batches (`keras_oom.state`). `close()` or a `with`
-    block ends the workers; so do the last reference's drop and interpreter
-    exit. The full reference is docs/api.md and docs/pool.md.
+    Read batches in order to benefit (`fit(ds, shuffle=False)` with the
+    dataset's `shuffle=True`, or `repeat=True`); random access still gets
+    the right batch, without the head start, and warns once. Loader state
+    changed between epochs reaches the workers (`keras_oom.state`). `close()`,
+    `with`, the last reference's drop or interpreter exit end the workers.
+    Reference: docs/api.md and docs/pool.md.
 
     Args:
         loader: As for `LoaderDataset`. It must pickle with `cloudpickle`
@@ -64,13 +59,11 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             may override `load` instead: workers then get a copy of the
             dataset without its sample ids, labels and sample weights.
         sample_ids: As for `LoaderDataset`.
-        labels: As for `LoaderDataset`. Labels stay in this process; workers
-            only run the loader.
+        labels: As for `LoaderDataset`; they stay in this process.
         num_workers: Number of worker processes, reduced (with a warning)
             to the number of batches per epoch when larger.
-        timeout: Seconds one batch may take before its worker is killed and
-            replaced and a `WorkerTimeoutError` raised, or `None` (or
-            `float("inf")`) to wait without limit.
+        timeout: Seconds one batch may take before its worker is replaced and
+            a `WorkerTimeoutError` raised; `None` (or `float("inf")`): no limit.
         start_method: How to start workers: `"fork"`, `"subprocess"` (a fresh
             interpreter), `"spawn"` or `"forkserver"`. `None` forks while that
             is safe and starts fresh interpreters once it is not (docs/pool.md
@@ -80,23 +73,21 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             `range(num_workers)` (a replacement's is its predecessor's): the
             place to open what cannot be pickled. If it raises, the next read
             raises that exception and the dataset stops starting workers.
-        executor: What runs the workers: an unstarted executor
-            (`keras_oom.executor.Executor`). Each dataset, and each copy of
-            one, starts a copy of it at first use. `None` (the default): the
-            local pool of worker processes (`start_method` applies to it only).
-        *args, **kwargs: Every other argument of `LoaderDataset`, by position
-            (`loader`, `sample_ids`, `labels`) or by name (`sample_weights`,
+        executor: An unstarted `keras_oom.executor.Executor` to run the
+            workers (each dataset and copy starts a copy of it), or `None` for
+            the local process pool, the only one `start_method` applies to.
+        *args, **kwargs: Every other argument of `LoaderDataset` (`loader`,
+            `sample_ids`, `labels` also by position; `sample_weights`,
             `batch_size`, `shuffle`, `seed`, `drop_remainder`, `repeat`,
             `shard`, `shard_mode`, `rows_per_id`).
 
     Raises:
-        TypeError: For a bad argument type, as for `LoaderDataset`, or for
-            a loader that cannot be pickled when workers are not forked, or
-            an `executor` that is not an `Executor`.
-        ValueError: For a bad argument value, as for `LoaderDataset`, or for
-            `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, a
-            `start_method` given with an `executor`, or Keras's own `workers`
-            / `use_multiprocessing` / `max_queue_size` (the pool replaces them).
+        TypeError: As for `LoaderDataset`, or for a loader that does not
+            pickle (workers not forked) or an `executor` not an `Executor`.
+        ValueError: As for `LoaderDataset`, or for `num_workers < 1`,
+            `timeout <= 0`, an unknown `start_method` or one with an
+            `executor`, or Keras's `workers`, `use_multiprocessing` or
+            `max_queue_size` (the pool replaces them).
 
     Example:
 
@@ -166,9 +157,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     def __getitem__(self, index: int) -> Any:
         """Returns batch `index`, loaded ahead by a worker when it was expected.
 
-        Asking again for batch 0 or 1 of the epoch before batch 2 returns a
-        copy of them instead of loading them again (TensorFlow's adapter
-        reads two batches early to infer shapes).
+        Batch 0 or 1 read again before batch 2 is a copy, not a new load
+        (TensorFlow's adapter reads two batches early to infer shapes).
 
         Raises:
             IndexError, ValueError: As for `LoaderDataset.__getitem__`.
@@ -190,8 +180,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             outcome = engine.get((epoch, batch))
         if outcome.error is not None:
             ids = describe_ids(self._source.ids(epoch, batch))
-            i = self._global_index(epoch, batch)
-            raise for_batch(outcome.error, i, ids, outcome.pid)
+            index = self._global_index(epoch, batch)
+            raise for_batch(outcome.error, index, ids, outcome.pid)
         self._check_rows(outcome.value, epoch, batch)
         return self._source.with_targets(outcome.value, epoch, batch)
 
@@ -218,14 +208,9 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
 
     def _moved(self, start_before: int) -> None:
         """Index 0 names another batch now: load ahead from there."""
-        if self._engine is None:
-            return
-        # A subclass's `load` saw `self.epoch` as it would be when read.
-        moved = position_moved(start_before, self._start, self._repeat)
-        if self._load_overridden() and moved:
-            self._engine.discard_loaded(self._epoch, self._start)
-        else:
-            self._engine.restart(self._epoch, self._start)
+        if self._engine is not None:
+            epoch, start, repeat = self._epoch, self._start, self._repeat
+            self._engine.move(epoch, start, start_before=start_before, repeat=repeat)
 
     # -- lifecycle ------------------------------------------------------------
 
