@@ -35,7 +35,7 @@ from keras_oom.protocol import (
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.state import StateTracker, Update, position_updates
+from keras_oom.state import Update, position_updates, tracker_for
 
 
 class PrefetchLoaderDataset(LoaderDataset, PerProcess):
@@ -317,22 +317,19 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             if self._executor is not None
             else ProcessPool(self._start_method)
         )
-        # What workers must see change (state.py): a subclass's attributes
-        # and `self.epoch` as it will be when each key is read, or the loader.
-        position: Callable[[Key], tuple[Update, ...]] | None = None
-        if self._load_overridden():
-            state = StateTracker(self, self._internal, type(self).__name__)
-            position = self._position_state
-        else:
-            state = StateTracker(self._loader)
+        overridden = self._load_overridden()
         engine = Prefetcher(
             executor,
             self._source,
             num_workers=self._num_workers,
             batches_per_epoch=self._plan.batches_per_epoch,
             reads=self._reads,
-            state=state,
-            position_state=position,
+            # What workers must see change (state.py): a subclass's own
+            # attributes and `self.epoch` as when each key is read.
+            state=tracker_for(
+                self._loader, self if overridden else None, self._internal
+            ),
+            position_state=self._position_state if overridden else None,
         )
         # Deferred: a Ctrl-C here must leave either no engine (the next read
         # starts one) or an engine that this dataset owns and will close.
