@@ -60,7 +60,7 @@ from keras_oom.protocol import (
 )
 from keras_oom.readahead import OrderWatch, ReReadCache
 from keras_oom.schedule import Key, Schedule
-from keras_oom.state import Update
+from keras_oom.state import Update, position_moved
 from keras_oom.stats import ReadStats
 
 
@@ -186,6 +186,17 @@ class Prefetcher:
                 # The window follows the last request: make it index 0.
                 self.schedule.request((epoch, start))
             self._dispatch()
+
+    def move(self, epoch: int, start: int, *, start_before: int, repeat: bool) -> None:
+        """Index 0 reads batch `start` of `epoch` now: loads ahead from there.
+
+        What was loaded ahead with position state that is wrong now
+        (`state.position_moved`) is dropped and loaded again.
+        """
+        if self._position_state and position_moved(start_before, start, repeat):
+            self.discard_loaded(epoch, start)
+        else:
+            self.restart(epoch, start)
 
     def state_may_change(self) -> None:
         """An epoch boundary: `check_state` looks again at the next read."""

@@ -35,30 +35,23 @@ from keras_oom.protocol import (
     describe_ids,
 )
 from keras_oom.schedule import Key
-from keras_oom.state import StateTracker, Update, position_updates
+from keras_oom.state import Update, position_updates, tracker_for
 
 
 class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     """A `LoaderDataset` whose loader runs ahead in a pool of worker processes.
 
-    `num_workers` processes start at the dataset's first use (the first
-    read, `with`, `set_epoch`, `worker_pids` or `stats()`) and serve every
-    epoch until `close()`. Each loads one batch at a time; together they
-    keep the next `num_workers` batches of the expected order in flight,
-    across epoch boundaries too. Every index yields exactly the batch that
-    `LoaderDataset` would, in any request order and for any `num_workers`.
+    `num_workers` processes start at first use (a read, `with`, `set_epoch`,
+    `worker_pids`, `stats()`) and serve every epoch until `close()`, keeping
+    the next `num_workers` batches of the expected order in flight. Every
+    index yields exactly the batch `LoaderDataset` would, in any order.
 
-    Read batches in order to benefit: `fit(ds, shuffle=False)` with the
-    dataset's own `shuffle=True`, or `repeat=True` with
-    `steps_per_epoch=ds.batches_per_epoch`. Random access still returns the
-    right batch, without the head start (the dataset warns once).
-
-    Loader state that changes between epochs (a subclass's attributes set
-    in `on_epoch_end`, a loader object's attributes, a closure's variables)
-    reaches the workers before they load the next epoch's batches
-    (`keras_oom.state`). Close the dataset to end its workers: a `with`
-    block or `close()`; dropping the last reference and interpreter exit
-    close it too. The full reference is docs/api.md and docs/pool.md.
+    Read batches in order to benefit (`fit(ds, shuffle=False)` with the
+    dataset's `shuffle=True`, or `repeat=True`); random access still gets
+    the right batch, without the head start, and warns once. Loader state
+    changed between epochs reaches the workers (`keras_oom.state`). `close()`,
+    `with`, the last reference's drop or interpreter exit end the workers.
+    Reference: docs/api.md and docs/pool.md.
 
     Args:
         loader: As for `LoaderDataset`. It must pickle with `cloudpickle`
@@ -66,43 +59,35 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             may override `load` instead: workers then get a copy of the
             dataset without its sample ids, labels and sample weights.
         sample_ids: As for `LoaderDataset`.
-        labels: As for `LoaderDataset`. Labels stay in this process; workers
-            only run the loader.
+        labels: As for `LoaderDataset`; they stay in this process.
         num_workers: Number of worker processes, reduced (with a warning)
             to the number of batches per epoch when larger.
-        timeout: Seconds one batch may take before its worker is killed and
-            replaced and a `WorkerTimeoutError` raised, or `None` (or
-            `float("inf")`) to wait without limit.
+        timeout: Seconds one batch may take before its worker is replaced and
+            a `WorkerTimeoutError` raised; `None` (or `float("inf")`): no limit.
         start_method: How to start workers: `"fork"`, `"subprocess"` (a fresh
             interpreter), `"spawn"` or `"forkserver"`. `None` forks while that
-            is safe and starts fresh interpreters once it is not (JAX,
-            TensorFlow or CUDA started, another thread running, or a native
-            thread pool that does not survive a fork: docs/pool.md). An
-            explicit `"fork"` forks anyway and warns, naming what it found.
-        worker_init: Optional callable run once in each worker process, as
-            `worker_init(index)` with the worker's index in
-            `range(num_workers)` (a replacement takes the index of the one it
-            replaces), before its first batch: the place to open a database
-            connection or a file that cannot be pickled. If it raises, the
-            next read raises that exception, with the worker's traceback in
-            its notes, and the dataset stops starting workers.
-        executor: What runs the workers: an unstarted executor
-            (`keras_oom.executor.Executor`). Each dataset, and each copy of
-            one, starts a copy of it at first use. `None` (the default): the
-            local pool of worker processes (`start_method` applies to it only).
-        *args, **kwargs: Every other argument of `LoaderDataset`, by position
-            (`loader`, `sample_ids`, `labels`) or by name (`sample_weights`,
+            is safe and starts fresh interpreters once it is not (docs/pool.md
+            says when). An explicit `"fork"` forks anyway, with a warning.
+        worker_init: Optional callable run once in each worker process before
+            its first batch, as `worker_init(index)`, `index` in
+            `range(num_workers)` (a replacement's is its predecessor's): the
+            place to open what cannot be pickled. If it raises, the next read
+            raises that exception and the dataset stops starting workers.
+        executor: An unstarted `keras_oom.executor.Executor` to run the
+            workers (each dataset and copy starts a copy of it), or `None` for
+            the local process pool, the only one `start_method` applies to.
+        *args, **kwargs: Every other argument of `LoaderDataset` (`loader`,
+            `sample_ids`, `labels` also by position; `sample_weights`,
             `batch_size`, `shuffle`, `seed`, `drop_remainder`, `repeat`,
             `shard`, `shard_mode`, `rows_per_id`).
 
     Raises:
-        TypeError: For a bad argument type, as for `LoaderDataset`, or for
-            a loader that cannot be pickled when workers are not forked, or
-            an `executor` that is not an `Executor`.
-        ValueError: For a bad argument value, as for `LoaderDataset`, or for
-            `num_workers < 1`, `timeout <= 0`, an unknown `start_method`, a
-            `start_method` given with an `executor`, or Keras's own `workers`
-            / `use_multiprocessing` / `max_queue_size` (the pool replaces them).
+        TypeError: As for `LoaderDataset`, or for a loader that does not
+            pickle (workers not forked) or an `executor` not an `Executor`.
+        ValueError: As for `LoaderDataset`, or for `num_workers < 1`,
+            `timeout <= 0`, an unknown `start_method` or one with an
+            `executor`, or Keras's `workers`, `use_multiprocessing` or
+            `max_queue_size` (the pool replaces them).
 
     Example:
 
@@ -137,11 +122,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         self._executor = executor
         self._start_method = start_method
         self._worker_init = worker_init
-        if (
-            executor is None
-            and not self._load_overridden()
-            and (start_method or default_start_method()) != "fork"
-        ):
+        method = start_method or default_start_method()
+        if executor is None and not self._load_overridden() and method != "fork":
             # Fail at construction where we can: the loader is known now.
             pickle_setup(self._worker_setup(), start_method or "subprocess")
         self._init_runtime()
@@ -175,27 +157,20 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
     def __getitem__(self, index: int) -> Any:
         """Returns batch `index`, loaded ahead by a worker when it was expected.
 
-        Asking again for batch 0 or 1 of the epoch before batch 2 returns a
-        copy of them instead of loading them again (TensorFlow's adapter
-        reads two batches early to infer shapes).
+        Batch 0 or 1 read again before batch 2 is a copy, not a new load
+        (TensorFlow's adapter reads two batches early to infer shapes).
 
         Raises:
-            IndexError: If `index` is out of range.
+            IndexError, ValueError: As for `LoaderDataset.__getitem__`.
             DatasetClosedError: If the dataset was closed.
             WorkerDiedError, WorkerTimeoutError, WorkerStartError: If the
-                batch's worker died or took longer than `timeout`, or workers
-                could not be started.
-            ValueError: If the dataset attaches labels and an array of the
-                loader's output does not have `len(ids) * rows_per_id` rows.
-            TypeError: If loader state changed since the last epoch and
-                cannot be pickled to reach the workers (naming it).
-            RuntimeError: If called in a forked child of the owning process,
-                or standing in for a loader's exception that cannot be
-                rebuilt in this process (its message names it).
-            BaseException: Whatever the loader raised, of any class (as
-                `LoaderDataset` raises it), with the worker's traceback in its
-                notes and as its cause; whatever pickling the batch's ids or
-                unpickling its result raised. The next read is unaffected.
+                batch's worker died or outlived `timeout`, or none started.
+            TypeError: If changed loader state cannot be pickled (naming it).
+            RuntimeError: In a forked child of the owning process, or for a
+                loader's exception that cannot be rebuilt here (named).
+            BaseException: What the loader raised (the worker's traceback in
+                its notes and as its cause), or pickling the batch's ids or
+                unpickling its result did. The next read is unaffected.
         """
         with self._lock:
             engine = self._ensure_started()
@@ -205,8 +180,8 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             outcome = engine.get((epoch, batch))
         if outcome.error is not None:
             ids = describe_ids(self._source.ids(epoch, batch))
-            i = self._global_index(epoch, batch)
-            raise for_batch(outcome.error, i, ids, outcome.pid)
+            index = self._global_index(epoch, batch)
+            raise for_batch(outcome.error, index, ids, outcome.pid)
         self._check_rows(outcome.value, epoch, batch)
         return self._source.with_targets(outcome.value, epoch, batch)
 
@@ -232,19 +207,10 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             self._moved(start)
 
     def _moved(self, start_before: int) -> None:
-        """Index 0 names another batch now: load ahead from there.
-
-        Batches a subclass's `load` loaded ahead saw `self.epoch` as it
-        would be when read (`_position_state`): wrong now if `_start`
-        changed, or, with `repeat=True`, `epoch` did.
-        """
-        engine = self._engine
-        if engine is None:
-            return
-        if self._load_overridden() and (self._repeat or self._start != start_before):
-            engine.discard_loaded(self._epoch, self._start)  # all loaded ahead
-        else:
-            engine.restart(self._epoch, self._start)  # from what index 0 reads
+        """Index 0 names another batch now: load ahead from there."""
+        if self._engine is not None:
+            epoch, start, repeat = self._epoch, self._start, self._repeat
+            self._engine.move(epoch, start, start_before=start_before, repeat=repeat)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -298,18 +264,13 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
         Answers at once, also from another thread while a read waits.
 
         Returns:
-            A dict: totals since the workers started (`batches` delivered,
-            `hits` among them, `discarded`, `out_of_order`, `wait_seconds`,
-            `load_seconds`, `elapsed_seconds`, `startup_seconds`); shares
-            in [0, 1] of the time since the first batch (`wait_share`,
-            `worker_busy_share`, `worker_io_wait_share`, `cpu_share`,
-            `machine_cpu_share`, the last two `None` where unknown);
-            `cores`; `workers` (per worker: `index`, `pid`, `batches`,
-            `busy_seconds`, `cpu_seconds`, `utilization`); a `verdict` (one
-            of `stats.VERDICTS`) and a `diagnosis`, one sentence with the
-            numbers behind it and the next step. docs/api.md describes each
-            key, docs/performance.md each verdict. After `close()`, the
-            final numbers.
+            A dict: totals since the workers started (`batches`, `hits`,
+            `wait_seconds`, ...), shares of the time since the first batch
+            (`wait_share`, `worker_busy_share`, ...), `cores`, `workers` (per
+            worker), a `verdict` (one of `stats.VERDICTS`) and a `diagnosis`,
+            one sentence with the numbers and the next step. docs/api.md
+            describes each key, docs/performance.md each verdict. After
+            `close()`, the final numbers.
 
         Example:
 
@@ -356,14 +317,19 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
             if self._executor is not None
             else ProcessPool(self._start_method)
         )
+        overridden = self._load_overridden()
         engine = Prefetcher(
             executor,
             self._source,
             num_workers=self._num_workers,
             batches_per_epoch=self._plan.batches_per_epoch,
             reads=self._reads,
-            state=self._track_state(),
-            position_state=self._position_state,
+            # What workers must see change (state.py): a subclass's own
+            # attributes and `self.epoch` as when each key is read.
+            state=tracker_for(
+                self._loader, self if overridden else None, self._internal
+            ),
+            position_state=self._position_state if overridden else None,
         )
         # Deferred: a Ctrl-C here must leave either no engine (the next read
         # starts one) or an engine that this dataset owns and will close.
@@ -381,20 +347,11 @@ class PrefetchLoaderDataset(LoaderDataset, PerProcess):
 
     # -- loader state between epochs (state.py) -------------------------------
 
-    def _track_state(self) -> StateTracker:
-        """Fingerprints what workers are about to get, to see it change."""
-        if self._load_overridden():
-            return StateTracker(self, self._internal, type(self).__name__)
-        return StateTracker(self._loader)
-
     def _state_may_change(self) -> None:
         """An epoch boundary: look for changed loader state at the next read."""
         if self._engine is not None:
             self._engine.state_may_change()
 
     def _position_state(self, key: Key) -> tuple[Update, ...]:
-        """`_epoch` and `_start` as they will be when `key` is read, for a
-        subclass's `load` that reads `self.epoch` (none for a loader)."""
-        if not self._load_overridden():
-            return ()
+        """`_epoch` and `_start` as they will be when `key` is read."""
         return position_updates(key, self._epoch, self._start, self._repeat)

@@ -202,6 +202,16 @@ class StateTracker:
         return f"The closure variable `{var}` of the loader {self._owner}"
 
 
+def tracker_for(
+    loader: Any, dataset: Any = None, internal: frozenset[str] = frozenset()
+) -> StateTracker:
+    """Tracks what workers run: `dataset`'s attributes but its `internal`
+    ones, when given (a subclass overriding `load`), else `loader`'s state."""
+    if dataset is not None:
+        return StateTracker(dataset, internal, type(dataset).__name__)
+    return StateTracker(loader)
+
+
 def apply_state(loader: Any, updates: tuple[Update, ...]) -> None:
     """Sets `updates` on a worker's loader, before it loads a batch."""
     target: Any = loader.__self__ if inspect.ismethod(loader) else loader
@@ -238,3 +248,15 @@ def position_updates(
         (("attr", "_epoch"), pickle.dumps(epoch)),
         (("attr", "_start"), pickle.dumps(start)),
     )
+
+
+def position_moved(start_before: int, start: int, repeat: bool) -> bool:
+    """Whether batches requested before a dataset moved (`set_epoch`, a new
+    epoch) carry `position_updates` that are wrong now.
+
+    Args:
+        start_before, start: The dataset's `_start` before and after.
+        repeat: Whether the dataset repeats: then its `_epoch` is sent as it
+            is, and any move may have changed it.
+    """
+    return repeat or start != start_before
