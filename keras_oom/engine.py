@@ -193,7 +193,8 @@ class Prefetcher:
         What was loaded ahead with position state that is wrong now
         (`state.position_moved`) is dropped and loaded again.
         """
-        if self._position_state and position_moved(start_before, start, repeat):
+        carries_position = self._position_state is not None
+        if carries_position and position_moved(start_before, start, repeat):
             self.discard_loaded(epoch, start)
         else:
             self.restart(epoch, start)
