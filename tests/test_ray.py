@@ -577,6 +577,27 @@ def test_a_finished_load_failed_with_its_actor_twice_arrives_and_the_killer_fail
     sim.check([innocent, killer])
 
 
+@pytest.mark.parametrize(
+    ("in_flight", "position"), [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+)
+def test_a_killer_at_any_queue_position_fails_alone_and_the_others_arrive(
+    in_flight, position
+):
+    """Kind: lost actor. The killer at each place in a full queue, the loads
+    ahead of it finished but unanswered each time (Ray fails their refs
+    too, and reports the failures only): the others arrive, the killer
+    fails with WorkerDiedError after at most three actors."""
+    keys = [(0, b) for b in range(in_flight)]
+    sim = _Sim(1, in_flight, keys, killers={keys[position]})
+    sim.report()
+    for _ in range(4):
+        while sim.run_next(0, reply=False):  # up to the killer, or the end
+            pass
+        sim.report(only="failed")
+    sim.drain()
+    sim.check(keys)
+
+
 def test_a_load_queued_behind_a_killer_keeps_its_retry_for_its_own_loss():
     """Kind: lost actor. Queue [a, b], each kills the first actor it runs on
     (a transient crash): a kills the first actor before b ran; b, sent again,
