@@ -23,8 +23,11 @@ The rule, sound under that uncertainty:
   not suspects (failed starts are bounded by `Restarts`). So are loads held
   back and not yet sent, and those behind a load that timed out or an actor
   ended by `kill()` (the executor ended that actor, not their loader).
-- `timeout` and `kill()` charge the head of the queue: the load the actor
-  was running, as nothing queued ahead of it is unanswered.
+- `timeout` charges the head of the queue: unanswered for `timeout`
+  seconds since the load ahead of it was answered, so the one running.
+  `kill()` charges the head too, as the executor contract says (its caller
+  ends the worker's running load); it may have finished unanswered, but
+  the engine never calls `kill()`.
 """
 
 from __future__ import annotations
