@@ -24,14 +24,16 @@ How each failure ends (the contract's, as the local pool's):
   caller raises the loader's own exception with its frames and the ids in
   its notes, naming the actor and its node; the actor serves on.
 - The actor or its node is lost (a crash, the OOM killer, a node removed):
-  each of its worker indexes reports `Lost`. The batch it was running is
-  a pure function of its ids and seed, so it is sent again (`Lost` without
-  an outcome) the first time; lost a second time, it ends with a
-  `WorkerDiedError` naming the actor, the node and Ray's cause. The loads
-  queued behind it never started: they are sent again.
+  each of its worker indexes reports `Lost`. A batch is a pure function of
+  its ids and seed, so each of its loads is sent again (`Lost` without an
+  outcome). Ray cannot say which one was running (it fails a finished
+  load's ref too if the reply had not come back), so each then runs alone
+  on its actor; a load lost alone was the one running, and lost alone a
+  second time it ends with a `WorkerDiedError` naming the actor, the node
+  and Ray's cause (ray_losses.py).
 - A load outlives `timeout`: `ray.cancel` cannot interrupt an actor task,
   so the actor is killed (`ray.kill`) and the load ends with a
-  `WorkerTimeoutError`.
+  `WorkerTimeoutError`; the loads queued behind it are sent again.
 - A lost actor is replaced under the same worker indexes, at once after a
   loss, with the local pool's pause after a failed start (`RETRY_PAUSE`,
   doubled); `MAX_START_FAILURES` failed starts in a row, or a `worker_init`

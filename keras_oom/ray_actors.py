@@ -5,8 +5,10 @@ Which Ray actor serves which worker indexes (actor `slot` serves
 each in the order they were sent, their deadlines (`start_timeout` while
 an actor starts, `timeout` for the load at the head of its queue), and
 the wording of each way one ends: the loader's error, a lost actor (sent
-again once, then a `WorkerDiedError`), a `WorkerTimeoutError`, an actor
-Ray cannot place (`WorkerStartError`, worded in ray_options.py). Its
+again once, alone, then a `WorkerDiedError`: ray_losses.py says which load
+a loss is charged to), a `WorkerTimeoutError`, an actor Ray cannot place
+(`WorkerStartError`, worded in ray_options.py). A load the engine submits
+is held back here while its actor must run a suspect alone. Its
 actors are held in `executor.Slots`, as the local pool holds its
 processes. `RayActors` never blocks:
 `RayExecutor.wait` (keras_oom/ray.py) waits on Ray and hands it what is
@@ -21,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from keras_oom.errors import WorkerDiedError, WorkerTimeoutError
 from keras_oom.executor import Slots
 from keras_oom.protocol import (
     Arrived,
@@ -33,11 +34,9 @@ from keras_oom.protocol import (
     add_note,
     decode_error,
 )
-from keras_oom.ray_options import one_line, unschedulable_error
+from keras_oom.ray_losses import Losses
+from keras_oom.ray_options import unschedulable_error
 from keras_oom.restarts import Restarts
-
-# How long a lost actor's earlier loads get to report how they ended.
-_SETTLE_GRACE = 1.0
 
 
 class Actor:
@@ -50,10 +49,12 @@ class Actor:
         self.created = time.monotonic()
         self.ready = False
         self.killed = False  # by kill(): its running load fails at once
+        self.failing = False  # a load of it failed with it: send no more
         self.where: dict[str, Any] = {}
         with contextlib.suppress(Exception):  # a private attribute of Ray's
             self.where["actor_id"] = handle._actor_id.hex()
         self.queue: list[int] = []  # worker indexes with a load, as sent
+        self.held: list[tuple[int, Load]] = []  # submitted, not yet sent
         self.head_since = self.created  # when the first of them began
         self.cpu_seconds = 0.0
 
@@ -74,7 +75,7 @@ class Actor:
 
 
 class Pending(NamedTuple):
-    ref: Any
+    ref: Any  # None while held back (or if the handle refused it)
     key: Any
     actor: Actor
 
@@ -110,7 +111,7 @@ class RayActors:
         self.loads: dict[int, Pending] = {}  # worker index -> its load
         self.setups: dict[Any, Actor] = {}  # setup ref -> actor
         self.by_ref: dict[Any, int] = {}  # load ref -> worker index
-        self.lost_once: set[Any] = set()  # keys already sent again once
+        self.losses = Losses()  # suspects, and what a loss is charged
         self.batches: dict[int, int] = {}
         self.busy_seconds: dict[int, float] = {}
         self.events: list[Event] = []
@@ -160,6 +161,24 @@ class RayActors:
         assert actor is not None and worker_index not in self.loads, (
             f"worker {worker_index} is not idle"
         )
+        self.loads[worker_index] = Pending(None, load.key, actor)
+        actor.held.append((worker_index, load))
+        self._release(actor)
+
+    def _release(self, actor: Actor) -> None:
+        """Sends `actor` its held loads, in order, but a suspect only to an
+        actor with nothing queued, and nothing behind a suspect."""
+        alone = self.losses.alone
+        while actor.held and self.slots[actor.slot] is actor and not actor.failing:
+            worker_index, load = actor.held[0]
+            if actor.queue and (
+                alone(load.key) or alone(self.loads[actor.queue[0]].key)
+            ):
+                return
+            del actor.held[0]
+            self._send_now(actor, worker_index, load)
+
+    def _send_now(self, actor: Actor, worker_index: int, load: Load) -> None:
         try:
             ref = actor.handle.load.remote(load)
         except Exception as e:  # the handle is unusable: the actor is lost
@@ -209,6 +228,8 @@ class RayActors:
         for ref in sorted(loads, key=order):
             if ref in self.by_ref:  # not lost with its actor meanwhile
                 self._load_done(ref)
+        for actor in self.slots.live():  # after every loss: see _settle_before
+            self._release(actor)
 
     def _setup_done(self, ref: Any) -> None:
         actor = self.setups.pop(ref)
@@ -244,6 +265,7 @@ class RayActors:
             self._arrive(index, Outcome(error=error, pid=actor.pid))
             return
         except ray.exceptions.RayError as e:  # the actor or its node is gone
+            actor.failing = True
             self._settle_before(actor, index)
             if self.slots[actor.slot] is actor:  # not lost while settling
                 self.lose(actor, e)
@@ -252,24 +274,23 @@ class RayActors:
         actor.cpu_seconds = cpu
         self.batches[index] = self.batches.get(index, 0) + 1
         self.busy_seconds[index] = self.busy_seconds.get(index, 0.0) + seconds
-        self.lost_once.discard(pending.key)
+        self.losses.arrived(pending.key)
         self._arrive(index, Outcome(value, error, seconds, actor.pid))
 
     def _settle_before(self, actor: Actor, index: int) -> None:
-        """Applies the loads queued on `actor` before `index` that ended.
+        """Applies the loads queued on `actor` before `index` whose results
+        are already here, without waiting.
 
         Ray may report a later load's failure before an earlier load's
-        result, and `lose` takes the head of the queue for the load that
-        was running: not one that finished. The actor runs its loads in
-        order, so each earlier one finished or failed with it: its ref is
-        ready within `_SETTLE_GRACE` either way.
+        result; applied first, a finished load is not run again. One not
+        reported yet becomes a suspect and runs again, alone: sound, so
+        nothing is worth blocking the waiter for (Ray may also fail a
+        finished load's ref, so waiting would not make it arrive).
         """
         earlier = [self.loads[i].ref for i in actor.queue[: actor.queue.index(index)]]
         if not earlier:
             return
-        ready, _ = self.ray.wait(
-            earlier, num_returns=len(earlier), timeout=_SETTLE_GRACE
-        )
+        ready, _ = self.ray.wait(earlier, num_returns=len(earlier), timeout=0)
         for ref in earlier:  # in the order they were sent
             if ref in ready and ref in self.by_ref:
                 self._load_done(ref)
@@ -326,6 +347,7 @@ class RayActors:
             return  # closed meanwhile: the caller gets DatasetClosedError
         self.kill_handle(actor.handle)
         self.setups.pop(actor.setup_ref, None)
+        actor.held.clear()
         head = actor.queue[0] if actor.queue else None
         for index in self.indexes(actor.slot):
             pending = self.loads.pop(index, None)
@@ -333,8 +355,20 @@ class RayActors:
                 self.by_ref.pop(pending.ref, None)
             outcome = None
             if pending is not None and self.restarts.broken is None:
-                outcome = self._loss_outcome(
-                    actor, pending, index, head, cause, timed_out
+                charged = None  # lost on its own: every load sent a suspect
+                if timed_out is not None or actor.killed:
+                    killed = "timeout" if timed_out is not None else "killed"
+                    charged = killed if index == head else "spared"
+                outcome = self.losses.outcome(
+                    str(actor),
+                    actor.pid,
+                    pending.key,
+                    sent=pending.ref is not None,
+                    started=actor.ready,
+                    alone=len(actor.queue) == 1,
+                    charged=charged,
+                    cause=cause,
+                    timeout=self.timeout,
                 )
             self.events.append(Lost(index, outcome))
         self.retired_cpu_seconds += actor.cpu_seconds
@@ -342,38 +376,3 @@ class RayActors:
             self.restarts.failed(actor.slot, cause or RuntimeError("lost"))
         if self.restarts.due(actor.slot):
             self.fill(actor.slot)
-
-    def _loss_outcome(
-        self,
-        actor: Actor,
-        pending: Pending,
-        index: int,
-        head: int | None,
-        cause: BaseException | None,
-        timed_out: int | None,
-    ) -> Outcome | None:
-        """The error that ends `pending`, or None: send it again."""
-        if index == timed_out:
-            return Outcome(
-                error=WorkerTimeoutError(
-                    f"keras_oom's {actor} took longer than timeout="
-                    f"{self.timeout}s on one batch and was killed (ray.kill)."
-                ),
-                pid=actor.pid,
-            )
-        if not actor.ready or index != head:
-            return None  # it never started
-        if not actor.killed and pending.key not in self.lost_once:
-            self.lost_once.add(pending.key)  # a pure function: run it again
-            return None
-        again = "" if actor.killed else " a second time"
-        why = "" if cause is None else f" Ray says: {one_line(cause)}"
-        return Outcome(
-            error=WorkerDiedError(
-                f"keras_oom's {actor} was lost{again} while loading a batch.{why}",
-                pid=actor.pid,
-                exitcode=None,
-                batch_index=None,
-            ),
-            pid=actor.pid,
-        )
