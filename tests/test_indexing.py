@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from keras_oom.indexing import (
     BatchPlan,
     epoch_permutation,
+    locate,
     shard_positions,
     shard_size,
 )
@@ -230,3 +231,35 @@ def test_shards_are_disjoint_equal_and_cover_the_epoch(n, count, mode, seed, epo
 def test_unsharded_positions_are_the_order():
     order = epoch_permutation(10, 1, 0)
     assert shard_positions(order, 0, 1, "pad") is order
+
+
+@given(
+    index=st.integers(-50, 200),
+    epoch=st.integers(0, 5),
+    per_epoch=st.integers(1, 12),
+    start=st.integers(0, 11),
+    repeat=st.booleans(),
+)
+def test_locate_reads_the_stream_position_index_0_names_plus_index(
+    index, epoch, per_epoch, start, repeat
+):
+    """`locate` against its definition: index 0 is batch `start` of `epoch`,
+    index `i` the stream position `i` after it; negative indexes count from
+    the end of one epoch; out of range (or negative with `repeat`) raises
+    IndexError, naming the index."""
+    start %= per_epoch
+    valid = index >= 0 if repeat else -per_epoch <= index < per_epoch
+    if not valid:
+        with pytest.raises(IndexError, match=str(index)):
+            locate(index, epoch, start, per_epoch, repeat)
+        return
+    i = index % per_epoch if index < 0 else index
+    position = epoch * per_epoch + start + i
+    assert locate(index, epoch, start, per_epoch, repeat) == divmod(position, per_epoch)
+
+
+@pytest.mark.parametrize("index", [1.0, "0", None])
+def test_locate_refuses_an_index_that_is_not_an_integer(index):
+    """Bad input: a TypeError naming `index` and the value."""
+    with pytest.raises(TypeError, match="index"):
+        locate(index, 0, 0, 4, False)
