@@ -25,6 +25,7 @@ import _faults
 import _procs
 import numpy as np
 import pytest
+from test_transport import memfd_mappings
 
 from keras_oom import (
     DatasetClosedError,
@@ -628,11 +629,6 @@ while True:
 
 
 # -- fork safety and start methods: test_launch.py ------------------------------
-
-
-def memfd_mappings() -> list[str]:
-    with open("/proc/self/maps") as f:
-        return [line for line in f if "keras_oom_batch" in line]
 
 
 # -- resources -----------------------------------------------------------------

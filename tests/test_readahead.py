@@ -12,6 +12,7 @@ import _faults
 import _sample_loaders
 import numpy as np
 import pytest
+from test_transport import in_memfd, memfd_mappings
 
 from keras_oom import PrefetchLoaderDataset
 from keras_oom.readahead import OrderWatch, ReReadCache
@@ -242,21 +243,6 @@ def test_rereadcache_still_copies_what_the_caller_can_change(batch):
 # them without a copy: readahead.py says why they are still copied).
 
 
-def _shared_mappings() -> list[str]:
-    """This process's mappings of keras_oom shared-memory buffers."""
-    with open("/proc/self/maps") as f:
-        return [line for line in f if "keras_oom_batch" in line]
-
-
-def _in_shared_memory(arr: np.ndarray) -> bool:
-    address = arr.__array_interface__["data"][0]
-    for line in _shared_mappings():
-        start, end = (int(x, 16) for x in line.split()[0].split("-"))
-        if start <= address < end:
-            return True
-    return False
-
-
 def _memfd_descriptors() -> list[str]:
     """This process's open descriptors of keras_oom shared-memory files."""
     found = []
@@ -292,7 +278,7 @@ def test_reread_of_batches_0_and_1_ignores_the_callers_in_place_changes(
         start_method=start_method,
     ) as ds:
         first = [ds[0], ds[1]]
-        assert all(_in_shared_memory(b) and b.flags.writeable for b in first)
+        assert all(in_memfd(b) and b.flags.writeable for b in first)
         for b in first:
             b[:] = -1  # in-place augmentation, into the worker's buffer
         hits = ds.stats()["hits"]
@@ -312,7 +298,7 @@ def test_rereads_over_many_epochs_return_every_shared_buffer():
     them (the epoch moves on, a later batch is read). Otherwise the parent
     maps one more buffer per epoch, and the workers run out of them (past
     the mapping budget batches cross in the socket, no longer in place)."""
-    before = len(_shared_mappings())
+    before = len(memfd_mappings())
     ids = np.arange(32)
     with PrefetchLoaderDataset(
         _sample_loaders.kept_batch_loader, ids, batch_size=8, num_workers=2
@@ -322,11 +308,11 @@ def test_rereads_over_many_epochs_return_every_shared_buffer():
                 batch = ds[i]
                 np.testing.assert_array_equal(batch, _want(i))
             ds.on_epoch_end()
-        assert _in_shared_memory(ds[0])  # still in place: buffers to spare
+        assert in_memfd(ds[0])  # still in place: buffers to spare
         del batch
         gc.collect()
         # Per worker: its free buffer and those of the batches loaded ahead.
-        assert len(_shared_mappings()) - before <= 2 * 4, _shared_mappings()
+        assert len(memfd_mappings()) - before <= 2 * 4, memfd_mappings()
 
 
 @pytest.mark.timeout(60)
@@ -334,7 +320,7 @@ def test_close_with_kept_batches_leaks_no_shared_memory():
     """Kind B: `close()` while the cache keeps batches 0 and 1 (read, not
     yet re-read) must leave no mapping or descriptor of a worker's buffer
     once the caller drops what it read."""
-    before_maps = set(_shared_mappings())
+    before_maps = set(memfd_mappings())
     before_fds = _memfd_descriptors()
     ids = np.arange(32)
     ds = PrefetchLoaderDataset(
@@ -342,11 +328,11 @@ def test_close_with_kept_batches_leaks_no_shared_memory():
     )
     try:
         held = [ds[0], ds[1]]
-        assert all(_in_shared_memory(b) for b in held)
+        assert all(in_memfd(b) for b in held)
     finally:
         ds.close()
     np.testing.assert_array_equal(held[1], _want(1))  # held batches survive close
     del held
     gc.collect()
-    assert set(_shared_mappings()) <= before_maps
+    assert set(memfd_mappings()) <= before_maps
     assert _memfd_descriptors() == before_fds
